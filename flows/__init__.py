@@ -1,0 +1,1 @@
+"""Prefect flows over the worldgen engine: batch rendering from manifests and timing reports."""
