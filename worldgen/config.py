@@ -98,9 +98,7 @@ _FULL_DIT = DiTConfig()
 _FULL_VAE = VAEConfig()
 _FULL_TEXT = TextConfig()
 # The tiny text encoder's vocabulary is the one of the tokenizer the project writes for tests and the demo.
-_TINY_TEXT = TextConfig(
-    vocab=512, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=2, num_buckets=32
-)
+_TINY_TEXT = TextConfig(vocab=512, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=2, num_buckets=32)
 _TINY_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=_TINY_TEXT.dim)
 _TINY_VAE = VAEConfig(dim=8)
 
