@@ -1,0 +1,230 @@
+"""The causal Wan2.1 VAE: streaming == one-shot, channels-last == plain, checkpoint layout, stream misuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from worldgen.config import VAEConfig, get_preset
+from worldgen.models.vae import WanVAE, to_uint8_frames
+
+TINY = get_preset("tiny").vae
+LATENT_FRAMES = 4  # chunks of 1, 2, 3 split it as 1+1+1+1, 2+2, 3+1
+LATENT_HW = (2, 2)
+
+
+def _video_frames(latent_frames: int) -> int:
+    return 1 + 4 * (latent_frames - 1)
+
+
+def _random_vae(channels_last: bool = True, dtype: torch.dtype = torch.float64) -> WanVAE:
+    """Tiny VAE with seeded random weights; gains away from 1 so the norms matter."""
+    torch.manual_seed(0)
+    vae = WanVAE(TINY, channels_last=channels_last).to(dtype)
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(0.5, 1.5)
+    return vae
+
+
+def _latents(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(1, TINY.z_dim, LATENT_FRAMES, *LATENT_HW, generator=generator, dtype=dtype)
+
+
+def _video(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(2)
+    size = (1, 3, _video_frames(LATENT_FRAMES), 8 * LATENT_HW[0], 8 * LATENT_HW[1])
+    return torch.rand(size, generator=generator, dtype=dtype) * 2 - 1
+
+
+def _chunk_sizes(total: int, chunk: int) -> list[int]:
+    return [min(chunk, total - start) for start in range(0, total, chunk)]
+
+
+@pytest.fixture(scope="module")
+def vae() -> WanVAE:
+    return _random_vae()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_streaming_decode_equals_one_shot(vae: WanVAE, chunk: int) -> None:
+    latents = _latents()
+    expected = vae.decode(latents)
+    assert expected.shape == (1, 3, _video_frames(LATENT_FRAMES), 8 * LATENT_HW[0], 8 * LATENT_HW[1])
+
+    outputs, start = [], 0
+    with vae.decode_stream() as stream:
+        for size in _chunk_sizes(LATENT_FRAMES, chunk):
+            frames = stream.decode(latents[:, :, start : start + size])
+            # The first latent frame decodes to 1 video frame, every later one to 4.
+            assert frames.shape[2] == (_video_frames(size) if start == 0 else 4 * size)
+            outputs.append(frames)
+            start += size
+    torch.testing.assert_close(torch.cat(outputs, dim=2), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_streaming_encode_equals_one_shot(vae: WanVAE, chunk: int) -> None:
+    video = _video()
+    expected = vae.encode(video)
+    assert expected.shape == (1, TINY.z_dim, LATENT_FRAMES, *LATENT_HW)
+
+    outputs, start = [], 0
+    with vae.encode_stream() as stream:
+        for index, size in enumerate(_chunk_sizes(LATENT_FRAMES, chunk)):
+            frames = _video_frames(size) if index == 0 else 4 * size
+            latents = stream.encode(video[:, :, start : start + frames])
+            assert latents.shape[2] == size
+            outputs.append(latents)
+            start += frames
+    torch.testing.assert_close(torch.cat(outputs, dim=2), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_one_stream_can_be_restarted(vae: WanVAE) -> None:
+    latents = _latents()[:, :, :2]
+    stream = vae.decode_stream()
+    runs = []
+    for _ in range(2):
+        stream.start()
+        runs.append(torch.cat([stream.decode(latents[:, :, :1]), stream.decode(latents[:, :, 1:])], dim=2))
+        stream.finish()
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+class _Conv3dLayouts(TorchFunctionMode):
+    """Notes, for every 3-D convolution run, whether its input and weight are both channels_last_3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels_last: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.conv3d:
+            layout = torch.channels_last_3d
+            self.channels_last.append(all(t.is_contiguous(memory_format=layout) for t in args[:2]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_channels_last_path_equals_plain_path() -> None:
+    latents, video = _latents(), _video()
+    outputs = {}
+    for channels_last in (True, False):
+        model = _random_vae(channels_last=channels_last)
+        with _Conv3dLayouts() as layouts:
+            outputs[channels_last] = (model.encode(video), model.decode(latents))
+        assert layouts.channels_last, "no Conv3d ran"
+        # Every Conv3d sees channels_last_3d input and weight on the fast path, neither on the plain one
+        # (every conv here has several channels and pixels, so the two layouts cannot coincide).
+        assert all(layouts.channels_last) if channels_last else not any(layouts.channels_last)
+    for fast, plain in zip(outputs[True], outputs[False], strict=True):
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_option_tracks_float32() -> None:
+    model = _random_vae(dtype=torch.float32)
+    assert WanVAE(TINY).dtype == torch.float32  # the default
+    reference = model.decode(_latents(torch.float32))
+    model.to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    decoded = model.decode(_latents(torch.float32))  # inputs are cast to the model's dtype
+    assert decoded.dtype == torch.bfloat16
+    assert (decoded.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def _reference_keys(shared_dir: Path) -> dict:
+    return json.loads((shared_dir / "reference" / "wan21_vae.keys.json").read_text())
+
+
+def test_full_size_meta_model_has_reference_keys_and_shapes(shared_dir: Path) -> None:
+    reference = _reference_keys(shared_dir)
+    with torch.device("meta"):
+        model = WanVAE(VAEConfig())
+    shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    assert shapes == {name: entry["shape"] for name, entry in reference["tensors"].items()}
+    assert sum(p.numel() for p in model.parameters()) == reference["num_params"]
+
+
+def test_assign_load_onto_meta_model_restores_layout_and_statistics() -> None:
+    weights = _random_vae(channels_last=False, dtype=torch.float32).state_dict()
+    with torch.device("meta"):
+        model = WanVAE(TINY)
+    model.load_state_dict(weights, assign=True)
+    # Loaded tensors replace the parameters: the post-load hook puts them back in channels-last layout once.
+    assert model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert model.latent_std.device.type == "cpu"
+    torch.testing.assert_close(model.latent_std.flatten(), torch.tensor(TINY.latent_std))
+    assert model.decode(_latents(torch.float32)).isfinite().all()
+
+
+def test_load_names_missing_misshaped_and_extra_tensors() -> None:
+    weights = WanVAE(TINY).state_dict()
+    missing = dict(weights)
+    del missing["decoder.head.2.bias"]
+    with pytest.raises(RuntimeError, match=r"decoder\.head\.2\.bias"):
+        WanVAE(TINY).load_state_dict(missing)
+
+    misshaped = dict(weights, **{"encoder.middle.1.to_qkv.weight": torch.zeros(3, 3, 1, 1)})
+    with pytest.raises(RuntimeError, match=r"encoder\.middle\.1\.to_qkv\.weight"):
+        WanVAE(TINY).load_state_dict(misshaped)
+
+    extra = dict(weights, **{"decoder.head.3.weight": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r"decoder\.head\.3\.weight"):
+        WanVAE(TINY).load_state_dict(extra)
+
+
+def test_out_of_order_stream_use_raises(vae: WanVAE) -> None:
+    latents, video = _latents(), _video()
+    stream = vae.decode_stream()
+    assert not stream.started
+    with pytest.raises(RuntimeError, match="not started"):
+        stream.decode(latents)
+    with pytest.raises(RuntimeError, match="before start"):
+        stream.finish()
+    stream.start()
+    assert stream.started
+    with pytest.raises(RuntimeError, match="already started"):
+        stream.start()
+    stream.decode(latents[:, :, :1])
+    with pytest.raises(ValueError, match="batch, height, width"):
+        stream.decode(latents[:, :, 1:2, :1])
+    with pytest.raises(ValueError, match=r"latents must be \[B, 16"):
+        stream.decode(latents[:, :8])
+    stream.finish()
+    with pytest.raises(RuntimeError, match="not started"):
+        stream.decode(latents)
+
+    encoder = vae.encode_stream().start()
+    with pytest.raises(ValueError, match="chunk 0 has 4 frames but must have 1 \\+ 4k"):
+        encoder.encode(video[:, :, :4])
+    encoder.encode(video[:, :, :1])  # the rejected chunk left the stream at chunk 0
+    with pytest.raises(ValueError, match="chunk 1 has 1 frames but must have 4k"):
+        encoder.encode(video[:, :, 1:2])
+    with pytest.raises(ValueError, match="multiples of 8"):
+        encoder.encode(video[:, :, 1:5, :12])
+    encoder.encode(video[:, :, 1:5])
+    encoder.finish()
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        vae.encode(video[:, :, :6])
+
+
+def test_to_uint8_frames_clamps_rounds_and_moves_channels_last() -> None:
+    video = (
+        torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 3.0])
+        .view(1, 1, 1, 1, 8)
+        .expand(1, 3, 2, 4, 8)
+    )
+    frames = to_uint8_frames(video)
+    assert frames.dtype == np.uint8 and frames.shape == (2, 4, 8, 3)
+    assert frames[0, 0, :, 0].tolist() == [0, 0, 0, 128, 191, 255, 255, 255]
+    assert np.array_equal(to_uint8_frames(video[0].to(torch.bfloat16)), frames)
+    with pytest.raises(ValueError, match="one video"):
+        to_uint8_frames(torch.zeros(2, 3, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"\[3, T, H, W\]"):
+        to_uint8_frames(torch.zeros(4, 1, 4, 4))
