@@ -1,0 +1,349 @@
+"""The causal DiT: checkpoint layout, building blocks, the rolling-cache oracle and the fast paths.
+
+Oracle 1 (DESIGN.md): a chunk-by-chunk rollout through the rolling cache gives the same velocities as one
+full-sequence forward over [clean chunks 0..i-1, chunk i] with the explicit visibility mask (float64).
+Oracle 3: the per-video text state and the per-chunk control state give the same outputs as the plain path
+that recomputes them in every pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldgen.config import get_preset
+from worldgen.models.attention import attention, check_backend, visibility_mask
+from worldgen.models.dit import CausalDiT, apply_rope, rope_split, rope_tables, sinusoidal_embedding
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+TIMESTEPS = (999.0, 978.0, 947.0, 825.0)
+LATENT_HW = (4, 6)  # 2 x 3 tokens per latent frame
+
+
+# --------------------------------------------------------------------------------------- checkpoint layout
+@pytest.mark.parametrize(
+    ("preset", "keys_file"),
+    [
+        ("lingbot-world-fast", "lingbot_world_fast_dit_cam.keys.json"),
+        ("lingbot-world-fast-act", "lingbot_world_fast_dit_act.keys.json"),
+    ],
+)
+def test_full_size_model_matches_reference_keys(preset: str, keys_file: str) -> None:
+    if not (REFERENCE / keys_file).is_file():
+        pytest.skip(f"{REFERENCE / keys_file} is absent")
+    reference = json.loads((REFERENCE / keys_file).read_text())
+    with torch.device("meta"):
+        model = CausalDiT(get_preset(preset).dit)
+    ours = {
+        name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in model.state_dict().items()
+    }
+    theirs = {name: (spec["shape"], spec["dtype"]) for name, spec in reference["tensors"].items()}
+    assert ours == theirs
+    assert list(ours) == list(theirs)  # same order, so a saved state dict reads like the checkpoint
+    assert sum(p.numel() for p in model.parameters()) == reference["num_params"]
+
+
+# ------------------------------------------------------------------------------------------ building blocks
+def test_sinusoidal_embedding_is_cos_then_sin_of_geometric_frequencies() -> None:
+    t = np.array([0.0, 1.0, 500.5, 999.0])
+    angles = t[:, None] * 10000.0 ** (-np.arange(128) / 128)
+    expected = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)
+    ours = sinusoidal_embedding(torch.tensor(t), 256)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_rope_split_and_tables() -> None:
+    assert rope_split(128) == (44, 42, 42)
+    assert rope_split(32) == (12, 10, 10)
+    first_frame, grid = 5, (2, 3, 4)
+    cos, sin = rope_tables(128, first_frame, grid, torch.device("cpu"), torch.float64)
+    assert cos.shape == (24, 1, 64)
+    for token, (f, h, w) in enumerate(np.ndindex(*grid)):
+        angles = np.concatenate(
+            [
+                (first_frame + f) * 10000.0 ** (-np.arange(0, 44, 2) / 44),
+                h * 10000.0 ** (-np.arange(0, 42, 2) / 42),
+                w * 10000.0 ** (-np.arange(0, 42, 2) / 42),
+            ]
+        )
+        np.testing.assert_allclose(cos[token, 0].numpy(), np.cos(angles), atol=1e-12)
+        np.testing.assert_allclose(sin[token, 0].numpy(), np.sin(angles), atol=1e-12)
+
+
+def test_apply_rope_rotates_interleaved_pairs_as_complex_numbers() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 3, 128, dtype=torch.float64, generator=generator)
+    cos, sin = rope_tables(128, 7, (2, 3, 4), torch.device("cpu"), torch.float64)
+    as_complex = torch.view_as_complex(x.reshape(2, 24, 3, 64, 2))
+    expected = torch.view_as_real(as_complex * torch.complex(cos, sin)).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected, rtol=0, atol=1e-12)
+
+
+def test_visibility_mask_follows_the_reference_rules() -> None:
+    # chunk 2, window 4, sink 1: chunk 2 (frames 4, 5) sees the sink frame 0 and frames 3..5.
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 0, 0, 1, 1, 1],
+            [1, 0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(visibility_mask(6, 1, chunk_size=2, local_attn_size=4, sink_size=1), expected)
+    whole = visibility_mask(6, 2, chunk_size=3, local_attn_size=-1, sink_size=0)
+    assert whole.shape == (12, 12) and whole[:6, :6].all() and not whole[:6, 6:].any() and whole[6:].all()
+
+
+def test_attention_backends() -> None:
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'; choose one of auto, cudnn"):
+        check_backend("fast")
+    with pytest.raises(ValueError, match="unknown attention backend 'sdpa'"):
+        _tiny_model().attention_backend = "sdpa"
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 5, 2, 8, dtype=torch.float64, generator=generator) for _ in range(3))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    for backend in ("auto", "math"):
+        torch.testing.assert_close(attention(q, k, v, backend), expected)
+
+
+# ------------------------------------------------------------------------------------- tiny model rollouts
+@dataclass
+class Inputs:
+    noise: torch.Tensor  # [1, 16, F, h, w]
+    renoise: torch.Tensor  # [4, 1, 16, F, h, w]: fresh noise for the re-noising steps
+    y: torch.Tensor
+    control: torch.Tensor
+    context: torch.Tensor
+
+
+def _tiny_model(dtype: torch.dtype = torch.float64) -> CausalDiT:
+    torch.manual_seed(0)
+    model = CausalDiT(get_preset("tiny").dit, attention_backend="math").to(dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():  # move every weight (norms, modulation) off its default
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def _inputs(model: CausalDiT, frames: int, dtype: torch.dtype = torch.float64) -> Inputs:
+    config = model.config
+    generator = torch.Generator().manual_seed(frames)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    height, width = LATENT_HW
+    return Inputs(
+        noise=randn(1, config.out_dim, frames, height, width),
+        renoise=randn(len(TIMESTEPS), 1, config.out_dim, frames, height, width),
+        y=randn(1, config.in_dim - config.out_dim, frames, height, width),
+        control=randn(1, config.control_channels, frames, height, width),
+        context=randn(1, 20, config.text_dim),
+    )
+
+
+@dataclass
+class Call:
+    first_frame: int
+    x: torch.Tensor
+    timestep: float
+    velocity: torch.Tensor
+
+
+def _rollout(
+    model: CausalDiT,
+    inputs: Inputs,
+    chunk: int,
+    window: int,
+    sink: int,
+    *,
+    prepare_text: bool = True,
+    prepare_control: bool = True,
+) -> tuple[list[Call], list[torch.Tensor]]:
+    """Chunked generation as the generator runs it: 4 denoising passes and one cache update per chunk."""
+    frames = inputs.noise.shape[2]
+    cache = model.make_kv_cache(
+        batch_size=1,
+        latent_height=LATENT_HW[0],
+        latent_width=LATENT_HW[1],
+        chunk_size=chunk,
+        local_attn_size=window,
+        sink_size=sink,
+        num_frames=frames,
+    )
+    text = model.prepare_text(inputs.context) if prepare_text else inputs.context
+    calls, clean_chunks = [], []
+    for first in range(0, frames, chunk):
+        frames_of_chunk = slice(first, first + chunk)
+        control_chunk = inputs.control[:, :, frames_of_chunk]
+        control = model.prepare_control(control_chunk) if prepare_control else control_chunk
+        y = inputs.y[:, :, frames_of_chunk]
+        x = inputs.noise[:, :, frames_of_chunk]
+        for step, timestep in enumerate(TIMESTEPS):
+            velocity = model(x, timestep, y, text, control, cache=cache, first_latent_frame=first)
+            calls.append(Call(first, x, timestep, velocity))
+            x0 = x - timestep / 1000 * velocity
+            if step + 1 < len(TIMESTEPS):
+                sigma_next = TIMESTEPS[step + 1] / 1000
+                x = (1 - sigma_next) * x0 + sigma_next * inputs.renoise[step + 1][:, :, frames_of_chunk]
+        velocity = model(x0, 0.0, y, text, control, cache=cache, first_latent_frame=first)
+        calls.append(Call(first, x0, 0.0, velocity))
+        clean_chunks.append(x0)
+    return calls, clean_chunks
+
+
+def _full_sequence(
+    model: CausalDiT,
+    inputs: Inputs,
+    call: Call,
+    clean_chunks: list[torch.Tensor],
+    chunk: int,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """One forward over [clean chunks before the call's chunk, its input], sliced to the call's chunk."""
+    first, end = call.first_frame, call.first_frame + chunk
+    x = torch.cat([*clean_chunks[: first // chunk], call.x], dim=2)
+    timesteps = torch.zeros(1, end, dtype=torch.float64)
+    timesteps[:, first:] = call.timestep
+    out = model(
+        x, timesteps, inputs.y[:, :, :end], inputs.context, inputs.control[:, :, :end], attn_mask=mask
+    )
+    return out[:, :, first:]
+
+
+@pytest.mark.parametrize(
+    ("chunk", "window", "sink", "frames"),
+    [
+        (3, -1, 0, 9),  # whole video visible
+        (2, 4, 0, 8),  # window smaller than the video, no sink
+        (3, 6, 3, 12),  # sink + rolling window (the parity setting)
+        (3, 7, 1, 12),  # the ring of window frames wraps in the middle of a chunk
+    ],
+)
+@torch.no_grad()
+def test_rollout_matches_full_sequence_with_visibility_mask(chunk: int, window: int, sink: int, frames: int):
+    model = _tiny_model()
+    inputs = _inputs(model, frames)
+    calls, clean_chunks = _rollout(model, inputs, chunk, window, sink)
+    frame_tokens = model.frame_tokens(*LATENT_HW)
+    for call in calls:
+        end = call.first_frame + chunk
+        mask = visibility_mask(end, frame_tokens, chunk, window, sink)
+        expected = _full_sequence(model, inputs, call, clean_chunks, chunk, mask)
+        torch.testing.assert_close(call.velocity, expected, rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_window_changes_what_late_chunks_see() -> None:
+    """The oracle is sensitive: the last chunk of a rolling-window rollout differs from a whole-video one."""
+    model = _tiny_model()
+    inputs = _inputs(model, 8)
+    calls, clean_chunks = _rollout(model, inputs, 2, 4, 0)
+    whole_video = visibility_mask(8, model.frame_tokens(*LATENT_HW), 2, -1, 0)
+    last_denoise = calls[-2]
+    unwindowed = _full_sequence(model, inputs, last_denoise, clean_chunks, 2, whole_video)
+    assert (last_denoise.velocity - unwindowed).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(("prepare_text", "prepare_control"), [(True, True), (True, False), (False, True)])
+@torch.no_grad()
+def test_prepared_states_match_plain_path(prepare_text: bool, prepare_control: bool) -> None:
+    model = _tiny_model()
+    inputs = _inputs(model, 6)
+    plain, _ = _rollout(model, inputs, 3, 3, 0, prepare_text=False, prepare_control=False)
+    fast, _ = _rollout(model, inputs, 3, 3, 0, prepare_text=prepare_text, prepare_control=prepare_control)
+    for plain_call, fast_call in zip(plain, fast, strict=True):
+        torch.testing.assert_close(fast_call.velocity, plain_call.velocity, rtol=1e-12, atol=1e-12)
+
+
+@torch.no_grad()
+def test_bf16_compute_keeps_modulation_and_stream_in_float32() -> None:
+    reference = _tiny_model(torch.float32)
+    model = copy.deepcopy(reference).set_compute_dtype(torch.bfloat16)
+    assert model.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert model.patch_embedding.weight.dtype == torch.bfloat16
+    assert model.head.head.weight.dtype == torch.bfloat16
+    for kept in (
+        model.time_embedding[0].weight,
+        model.time_projection[1].weight,
+        model.blocks[0].modulation,
+        model.blocks[0].norm3.weight,
+        model.blocks[0].self_attn.norm_q.weight,
+        model.head.modulation,
+    ):
+        assert kept.dtype == torch.float32
+    inputs = _inputs(model, 3, torch.float32)
+    outputs = []
+    for dit in (reference, model):
+        cache = dit.make_kv_cache(
+            batch_size=1, latent_height=4, latent_width=6, chunk_size=3, local_attn_size=-1, sink_size=0,
+            num_frames=3,
+        )  # fmt: skip
+        assert cache.keys.dtype == dit.blocks[0].self_attn.k.weight.dtype
+        outputs.append(dit(inputs.noise, 999.0, inputs.y, inputs.context, inputs.control, cache=cache))
+    assert outputs[1].dtype == torch.float32
+    relative_error = (outputs[1] - outputs[0]).norm() / outputs[0].norm()
+    assert relative_error < 0.05
+
+
+@torch.no_grad()
+def test_bad_inputs_raise_clear_errors() -> None:
+    model = _tiny_model()
+    inputs = _inputs(model, 3)
+    x, y, context, control = inputs.noise, inputs.y, inputs.context, inputs.control
+    with pytest.raises(ValueError, match=r"x must be \[batch, 16, frames, height, width\]"):
+        model(x[:, :8], 1.0, y, context, control)
+    with pytest.raises(ValueError, match=r"y must be \[1, 20, 3, 4, 6\]"):
+        model(x, 1.0, y[:, :, :2], context, control)
+    with pytest.raises(ValueError, match=r"control must be \[batch, 384, frames, height, width\]"):
+        model(x, 1.0, y, context, control[:, :6])
+    with pytest.raises(ValueError, match=r"control state is for \[batch, frames, tokens\] = \[1, 2, 6\]"):
+        model(x, 1.0, y, context, model.prepare_control(control[:, :, :2]))
+    with pytest.raises(ValueError, match="text state is for batch 2, x has batch 1"):
+        model(x, 1.0, y, model.prepare_text(context.expand(2, -1, -1)), control)
+    with pytest.raises(ValueError, match=r"context must be \[batch, tokens <= 512, 32\]"):
+        model(x, 1.0, y, torch.zeros(1, 513, 32, dtype=torch.float64), control)
+    with pytest.raises(ValueError, match=r"timestep must be a number, \[batch\] or \[batch, frames\]"):
+        model(x, torch.ones(2, 3), y, context, control)
+    cache = model.make_kv_cache(
+        batch_size=2, latent_height=4, latent_width=6, chunk_size=3, local_attn_size=-1, sink_size=0,
+        num_frames=3,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="KV cache is for batch 2 x 6 tokens per frame, x gives 1 x 6"):
+        model(x, 1.0, y, context, control, cache=cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_cached_passes_never_synchronise_with_the_device() -> None:
+    model = _tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
+    model.attention_backend = "auto"
+    inputs = _inputs(model, 6, torch.float32)
+    x, y, control = (t.cuda() for t in (inputs.noise, inputs.y, inputs.control))
+    text = model.prepare_text(inputs.context.cuda())
+    cache = model.make_kv_cache(
+        batch_size=1, latent_height=4, latent_width=6, chunk_size=3, local_attn_size=3, sink_size=0,
+        num_frames=6,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for first in (0, 3):
+            frames = slice(first, first + 3)
+            control_state = model.prepare_control(control[:, :, frames])
+            for timestep in (*TIMESTEPS, 0.0):
+                model(x[:, :, frames], timestep, y[:, :, frames], text, control_state, cache=cache,
+                      first_latent_frame=first)  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

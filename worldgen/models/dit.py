@@ -1,0 +1,473 @@
+"""Causal LingBot-World-Fast DiT: Wan2.2 blocks with camera (or action) injection, run chunk by chunk.
+
+Public API (what the generator calls)::
+
+    model = CausalDiT(config, attention_backend="auto")      # config: worldgen.config.DiTConfig
+    model.load_state_dict(state_dict, strict=True)            # checkpoint keys are the module names here
+    model.set_compute_dtype(torch.bfloat16)                   # token-wise matmuls in bf16 (see below)
+
+    text = model.prepare_text(context)                        # once per video; context [B, T<=512, text_dim]
+    cache = model.make_kv_cache(batch_size=B, latent_height=h, latent_width=w, chunk_size=3,
+                                local_attn_size=21, sink_size=3, num_frames=latent_frames)
+    for each chunk, latent frames [f0, f0 + F):
+        control = model.prepare_control(control_chunk)       # once per chunk; [B, control_channels, F, h, w]
+        4 denoising passes:  v = model(x, t, y, text, control, cache=cache, first_latent_frame=f0)
+        1 cache-update pass: model(x0, 0, y, text, control, cache=cache, first_latent_frame=f0)
+
+- `x` [B, 16, F, h, w] is the chunk's latent (noisy, or clean for the cache update), `y` [B, 20, F, h, w]
+  the chunk's slice of cat[mask, conditioning latent], `t` a number, a [B] tensor or a per-frame [B, F]
+  tensor (0..1000 scale). The return value is the velocity [B, 16, F, h, w] in float32 (float64 when
+  the model is float64).
+- The first pass at `first_latent_frame == cache.end_frame` opens a new chunk in the cache (evicting the
+  oldest window frames); passes repeating that chunk overwrite its slots. No pass flag is needed.
+- Plain path (the benchmark yardstick): pass the raw `context` tensor and/or the raw control tensor
+  instead of the prepared states; the forward then recomputes the text embedding, every block's text K/V,
+  the control tokens and every block's camera modulation inside the pass. Outputs are identical.
+- Oracle path: `model(x, t, y, context, control, attn_mask=visibility_mask(...))` with no cache runs one
+  full-sequence forward over all frames given, with per-frame timesteps [B, F].
+
+Mixed precision: `set_compute_dtype(torch.bfloat16)` casts the weights of every token-wise matmul
+(patch/control/text embeddings, attention, camera layers, FFN, head projection) to bf16; each `Linear`
+runs in its weight's dtype. The residual stream, the modulation tables (time embedding, time projection,
+`modulation` parameters), every norm and RoPE stay in float32, so shift/scale/gate and the skip
+connections are never rounded to bf16; bf16 matmul outputs (attention, FFN, camera scale/shift) are
+promoted to float32 where they meet the stream. A float64 model runs everything in float64 (tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worldgen.config import DiTConfig
+from worldgen.models.attention import AttentionBackend, attention, check_backend
+from worldgen.models.kv_cache import KVCache
+
+ROPE_THETA = 10000.0
+# The time MLP acts on one row per frame, not per token: it stays in float32 with the modulation tables.
+_FLOAT32_MODULES = ("time_embedding", "time_projection")
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """float32 for bf16/fp16/fp32 tensors, float64 stays float64: the dtype of the residual stream."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs in its weight's dtype, whatever the dtype of its input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that runs in its weight's dtype, whatever the dtype of its input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _upcast(x)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """LayerNorm without affine, then the adaptive shift/scale of the time modulation."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
+
+
+def sinusoidal_embedding(timesteps: Tensor, dim: int) -> Tensor:
+    """cat[cos, sin] of timestep * 10000^(-i/half), i < half = dim/2, in float64. [...] -> [..., dim]."""
+    half = dim // 2
+    exponents = torch.arange(half, dtype=torch.float64, device=timesteps.device) / half
+    angles = timesteps.to(torch.float64)[..., None] * torch.pow(10000.0, -exponents)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Head-dim channels rotated by frame, height and width position: 44/42/42 for head_dim 128."""
+    return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
+
+
+def rope_tables(
+    head_dim: int, first_frame: int, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin [tokens, 1, head_dim/2] of the 3-D RoPE angles for a (frames, height, width) token grid.
+
+    Pair j of the frame part turns by position * theta^(-2j/part_dim); the frame position is the absolute
+    latent-frame index, so chunk K cached after RoPE keeps its place when the window rolls. Angles are
+    computed in float64 (positions reach ~1000) and rounded once to `dtype`.
+    """
+    frames, height, width = grid
+    per_axis = []
+    for start, size, part in zip((first_frame, 0, 0), grid, rope_split(head_dim), strict=True):
+        positions = torch.arange(start, start + size, dtype=torch.float64, device=device)
+        inv_freq = ROPE_THETA ** (-torch.arange(0, part, 2, dtype=torch.float64, device=device) / part)
+        per_axis.append(torch.outer(positions, inv_freq))
+    angles = torch.cat(
+        [
+            per_axis[0][:, None, None].expand(frames, height, width, -1),
+            per_axis[1][None, :, None].expand(frames, height, width, -1),
+            per_axis[2][None, None, :].expand(frames, height, width, -1),
+        ],
+        dim=-1,
+    ).reshape(frames * height * width, 1, head_dim // 2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs (x[2j], x[2j+1]) of x [B, tokens, heads, head_dim]."""
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
+
+
+@dataclass(frozen=True)
+class TextState:
+    """Per-video text state: every block's cross-attention K and V [B, text_len, heads, head_dim]."""
+
+    kv: tuple[tuple[Tensor, Tensor], ...]
+
+
+@dataclass(frozen=True)
+class ControlState:
+    """Per-chunk control state: every block's camera (scale, shift) [B, F, tokens_per_frame, dim]."""
+
+    modulation: tuple[tuple[Tensor, Tensor], ...]
+
+
+@dataclass(frozen=True)
+class _PassContext:
+    """What every self-attention of one forward shares."""
+
+    rope: tuple[Tensor, Tensor]
+    cache: KVCache | None
+    mask: Tensor | None
+    backend: AttentionBackend
+
+
+class _Attention(nn.Module):
+    """q/k/v/o projections with RMSNorm over the full dim on q and k (Wan layout)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
+        self.o = Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def _output(self, heads: Tensor, shape: torch.Size) -> Tensor:
+        return self.o(heads.flatten(2)).view(*shape[:-1], -1)
+
+
+class SelfAttention(_Attention):
+    def __init__(self, dim: int, num_heads: int, eps: float, layer: int) -> None:
+        super().__init__(dim, num_heads, eps)
+        self.layer = layer  # index of this layer's K/V in the cache
+
+    def forward(self, x: Tensor, ctx: _PassContext) -> Tensor:
+        """x [B, F, S, dim] -> [B, F, S, dim]: attends to the cache (and this pass's frames) or, without a
+        cache, to the frames of x under `ctx.mask`."""
+        dtype = self.q.weight.dtype
+        tokens = x.flatten(1, 2)
+        query = apply_rope(self._heads(self.norm_q(self.q(tokens))), *ctx.rope).to(dtype)
+        key = apply_rope(self._heads(self.norm_k(self.k(tokens))), *ctx.rope).to(dtype)
+        value = self._heads(self.v(tokens))
+        if ctx.cache is not None:
+            key, value = ctx.cache.update(self.layer, key, value)
+        return self._output(attention(query, key, value, ctx.backend, ctx.mask), x.shape)
+
+
+class CrossAttention(_Attention):
+    def text_kv(self, text_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Embedded text [B, T, dim] -> K, V [B, T, heads, head_dim]; once per video."""
+        key = self._heads(self.norm_k(self.k(text_tokens))).to(self.k.weight.dtype)
+        return key, self._heads(self.v(text_tokens))
+
+    def forward(self, x: Tensor, text_kv: tuple[Tensor, Tensor], backend: AttentionBackend) -> Tensor:
+        query = self._heads(self.norm_q(self.q(x.flatten(1, 2)))).to(self.q.weight.dtype)
+        return self._output(attention(query, *text_kv, backend), x.shape)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, config: DiTConfig, layer: int) -> None:
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.eps = eps
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.self_attn = SelfAttention(dim, config.num_heads, eps, layer)
+        self.cross_attn = CrossAttention(dim, config.num_heads, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.ffn = nn.Sequential(
+            Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), Linear(config.ffn_dim, dim)
+        )
+        self.cam_injector_layer1 = Linear(dim, dim)
+        self.cam_injector_layer2 = Linear(dim, dim)
+        self.cam_scale_layer = Linear(dim, dim)
+        self.cam_shift_layer = Linear(dim, dim)
+
+    def camera_modulation(self, control_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Control tokens c [B, F, S, dim] -> (scale, shift); depends on the control only, not the time."""
+        hidden = self.cam_injector_layer2(F.silu(self.cam_injector_layer1(control_tokens))) + control_tokens
+        return self.cam_scale_layer(hidden), self.cam_shift_layer(hidden)
+
+    def forward(
+        self,
+        x: Tensor,
+        time_mod: Tensor,
+        text_kv: tuple[Tensor, Tensor],
+        camera: tuple[Tensor, Tensor],
+        ctx: _PassContext,
+    ) -> Tensor:
+        """x [B, F, S, dim] residual stream; time_mod [B, F, 6, dim] time projection of each frame."""
+        # [B, F, 1, dim] each: one modulation per frame, broadcast over the frame's tokens.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            (self.modulation + time_mod).unsqueeze(3).unbind(2)
+        )
+        x = x + gate_msa * self.self_attn(_modulate(x, shift_msa, scale_msa, self.eps), ctx)
+        cam_scale, cam_shift = camera
+        x = x * (1 + _upcast(cam_scale)) + cam_shift
+        x = x + self.cross_attn(self.norm3(x), text_kv, ctx.backend)
+        return x + gate_mlp * self.ffn(_modulate(x, shift_mlp, scale_mlp, self.eps))
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_features: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.head = Linear(dim, out_features)
+
+    def forward(self, x: Tensor, time_emb: Tensor) -> Tensor:
+        """x [B, F, S, dim], time_emb [B, F, dim] -> [B, F, S, out_features]."""
+        shift, scale = (self.modulation + time_emb.unsqueeze(2)).unsqueeze(3).unbind(2)
+        return self.head(_modulate(x, shift, scale, self.eps))
+
+
+class CausalDiT(nn.Module):
+    """The LingBot-World-Fast transformer; module names give exactly the checkpoint's state-dict keys."""
+
+    def __init__(self, config: DiTConfig, attention_backend: AttentionBackend = "auto") -> None:
+        super().__init__()
+        if config.dim % config.num_heads or config.head_dim % 2:
+            raise ValueError(
+                f"DiTConfig: dim {config.dim} must split into {config.num_heads} heads of even size"
+            )
+        if config.patch_size[0] != 1:
+            raise ValueError(f"DiTConfig.patch_size {config.patch_size}: the causal model patches 1 frame")
+        self.config = config
+        self.attention_backend = attention_backend
+        dim, patch = config.dim, config.patch_size
+        patch_volume = patch[0] * patch[1] * patch[2]
+        self.patch_embedding = Conv3d(config.in_dim, dim, kernel_size=patch, stride=patch)
+        self.patch_embedding_wancamctrl = Linear(config.control_channels * patch_volume, dim)
+        self.c2ws_hidden_states_layer1 = Linear(dim, dim)
+        self.c2ws_hidden_states_layer2 = Linear(dim, dim)
+        self.text_embedding = nn.Sequential(
+            Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(Linear(config.freq_dim, dim), nn.SiLU(), Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(DiTBlock(config, layer) for layer in range(config.num_layers))
+        self.head = Head(dim, config.out_dim * patch_volume, config.eps)
+
+    # ----------------------------------------------------------------------------------- setup helpers
+    @property
+    def attention_backend(self) -> AttentionBackend:
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, backend: str) -> None:
+        self._attention_backend = check_backend(backend)
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> CausalDiT:
+        """Cast every token-wise Linear/Conv3d to `dtype`; time MLP, modulation and norms stay as they are."""
+        for name, module in self.named_modules():
+            if isinstance(module, Linear | Conv3d) and not name.startswith(_FLOAT32_MODULES):
+                module.to(dtype)
+        return self
+
+    def frame_tokens(self, latent_height: int, latent_width: int) -> int:
+        _, patch_h, patch_w = self.config.patch_size
+        return (latent_height // patch_h) * (latent_width // patch_w)
+
+    def make_kv_cache(
+        self,
+        *,
+        batch_size: int,
+        latent_height: int,
+        latent_width: int,
+        chunk_size: int,
+        local_attn_size: int,
+        sink_size: int,
+        num_frames: int,
+    ) -> KVCache:
+        """A rolling cache for this model, in the dtype and on the device of its attention weights."""
+        weight = self.blocks[0].self_attn.k.weight
+        return KVCache(
+            num_layers=self.config.num_layers,
+            batch_size=batch_size,
+            frame_tokens=self.frame_tokens(latent_height, latent_width),
+            num_heads=self.config.num_heads,
+            head_dim=self.config.head_dim,
+            chunk_size=chunk_size,
+            local_attn_size=local_attn_size,
+            sink_size=sink_size,
+            num_frames=num_frames,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    # --------------------------------------------------------------------- per-video and per-chunk state
+    def prepare_text(self, context: Tensor) -> TextState:
+        """Text encoder output [B, T, text_dim] (T <= text_len, zero-padded to text_len) -> TextState."""
+        config = self.config
+        if context.dim() != 3 or context.shape[-1] != config.text_dim or context.shape[1] > config.text_len:
+            raise ValueError(
+                f"context must be [batch, tokens <= {config.text_len}, {config.text_dim}], "
+                f"got {tuple(context.shape)}"
+            )
+        context = F.pad(context, (0, 0, 0, config.text_len - context.shape[1]))
+        tokens = self.text_embedding(context)
+        return TextState(tuple(block.cross_attn.text_kv(tokens) for block in self.blocks))
+
+    def prepare_control(self, control: Tensor) -> ControlState:
+        """Control tensor at latent resolution [B, control_channels, F, h, w] -> ControlState."""
+        channels = self.config.control_channels
+        _, patch_h, patch_w = self.config.patch_size
+        bad_grid = control.dim() != 5 or control.shape[3] % patch_h or control.shape[4] % patch_w
+        if bad_grid or control.shape[1] != channels:
+            raise ValueError(
+                f"control must be [batch, {channels}, frames, height, width] with height/width divisible by "
+                f"the patch {patch_h}x{patch_w} ({self.config.control_type} mode), got {tuple(control.shape)}"
+            )
+        batch, _, frames, height, width = control.shape
+        # Patch features in (channel, patch row, patch column) order, like the Conv3d patch embedding.
+        patches = (
+            control.reshape(batch, channels, frames, height // patch_h, patch_h, width // patch_w, patch_w)
+            .permute(0, 2, 3, 5, 1, 4, 6)
+            .reshape(batch, frames, (height // patch_h) * (width // patch_w), channels * patch_h * patch_w)
+        )
+        tokens = _upcast(self.patch_embedding_wancamctrl(patches))
+        tokens = tokens + self.c2ws_hidden_states_layer2(F.silu(self.c2ws_hidden_states_layer1(tokens)))
+        return ControlState(tuple(block.camera_modulation(tokens) for block in self.blocks))
+
+    # --------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: Tensor,
+        timestep: float | Tensor,
+        y: Tensor,
+        text: TextState | Tensor,
+        control: ControlState | Tensor,
+        *,
+        cache: KVCache | None = None,
+        first_latent_frame: int = 0,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Velocity [B, out_dim, F, h, w] for the latent x of the same shape (see the module docstring)."""
+        grid = self._check_inputs(x, y, cache, attn_mask)
+        # The plain path: recompute the text and control states inside this pass.
+        text = self.prepare_text(text) if isinstance(text, Tensor) else text
+        control = self.prepare_control(control) if isinstance(control, Tensor) else control
+        self._check_states(text, control, x.shape[0], grid)
+
+        patches = self.patch_embedding(torch.cat([x, y], dim=1))  # [B, dim, F, h', w']
+        stream = _upcast(patches.flatten(3).permute(0, 2, 3, 1)).contiguous()  # [B, F, S, dim]
+        sinusoid = sinusoidal_embedding(self._frame_timesteps(timestep, x), self.config.freq_dim)
+        time_emb = _upcast(self.time_embedding(sinusoid))  # [B, F, dim]
+        time_mod = _upcast(self.time_projection(time_emb)).unflatten(-1, (6, self.config.dim))
+
+        rope = rope_tables(self.config.head_dim, first_latent_frame, grid, x.device, stream.dtype)
+        if cache is not None:
+            cache.begin_pass(first_latent_frame, grid[0])
+        ctx = _PassContext(rope, cache, attn_mask, self.attention_backend)
+        for block, text_kv, camera in zip(self.blocks, text.kv, control.modulation, strict=True):
+            stream = block(stream, time_mod, text_kv, camera, ctx)
+        return self._unpatchify(_upcast(self.head(stream, time_emb)), grid)
+
+    def _check_inputs(
+        self, x: Tensor, y: Tensor, cache: KVCache | None, attn_mask: Tensor | None
+    ) -> tuple[int, int, int]:
+        """Validate the pass's tensors; return the token grid (frames, height, width) of x."""
+        config = self.config
+        _, patch_h, patch_w = config.patch_size
+        cond_channels = config.in_dim - config.out_dim
+        if x.dim() != 5 or x.shape[1] != config.out_dim or x.shape[3] % patch_h or x.shape[4] % patch_w:
+            raise ValueError(
+                f"x must be [batch, {config.out_dim}, frames, height, width] with height/width divisible by "
+                f"{patch_h}x{patch_w}, got {tuple(x.shape)}"
+            )
+        if y.shape != (x.shape[0], cond_channels, *x.shape[2:]):
+            raise ValueError(f"y must be {[x.shape[0], cond_channels, *x.shape[2:]]}, got {list(y.shape)}")
+        batch, _, frames, height, width = x.shape
+        grid = (frames, height // patch_h, width // patch_w)
+        tokens = frames * grid[1] * grid[2]
+        if cache is not None:
+            if attn_mask is not None:
+                raise ValueError("attn_mask is for the full-sequence forward; a cached pass needs no mask")
+            if (cache.batch_size, cache.frame_tokens) != (batch, grid[1] * grid[2]):
+                raise ValueError(
+                    f"KV cache is for batch {cache.batch_size} x {cache.frame_tokens} tokens per frame, "
+                    f"x gives {batch} x {grid[1] * grid[2]}"
+                )
+        if attn_mask is not None and attn_mask.shape[-2:] != (tokens, tokens):
+            raise ValueError(f"attn_mask must end in [{tokens}, {tokens}], got {list(attn_mask.shape)}")
+        return grid
+
+    @staticmethod
+    def _check_states(text: TextState, control: ControlState, batch: int, grid: tuple[int, int, int]) -> None:
+        text_batch = text.kv[0][0].shape[0]
+        if text_batch != batch:
+            raise ValueError(f"text state is for batch {text_batch}, x has batch {batch}")
+        control_shape = list(control.modulation[0][0].shape[:3])
+        if control_shape != [batch, grid[0], grid[1] * grid[2]]:
+            raise ValueError(
+                f"control state is for [batch, frames, tokens] = {control_shape}, but x gives "
+                f"{[batch, grid[0], grid[1] * grid[2]]}"
+            )
+
+    @staticmethod
+    def _frame_timesteps(timestep: float | Tensor, x: Tensor) -> Tensor:
+        """A number, [B] or [B, F] -> [B, F] float64 timesteps (one per latent frame)."""
+        batch, frames = x.shape[0], x.shape[2]
+        if not isinstance(timestep, Tensor):
+            # A fill, not a host-to-device copy: a copy from pageable memory would synchronise.
+            return torch.full((batch, frames), float(timestep), dtype=torch.float64, device=x.device)
+        t = timestep.to(device=x.device, dtype=torch.float64)
+        if t.dim() == 0:
+            return t.expand(batch, frames)
+        if t.shape == (batch,):
+            return t[:, None].expand(batch, frames)
+        if t.shape == (batch, frames):
+            return t
+        raise ValueError(
+            f"timestep must be a number, [batch] or [batch, frames] = [{batch}, {frames}], "
+            f"got shape {list(t.shape)}"
+        )
+
+    def _unpatchify(self, patches: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """[B, F, S, (pt ph pw c)] with channels innermost -> [B, c, F*pt, h*ph, w*pw]."""
+        frames, height, width = grid
+        patch_t, patch_h, patch_w = self.config.patch_size
+        channels = self.config.out_dim
+        batch = patches.shape[0]
+        patches = patches.reshape(batch, frames, height, width, patch_t, patch_h, patch_w, channels)
+        return patches.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
+            batch, channels, frames * patch_t, height * patch_h, width * patch_w
+        )
