@@ -1,0 +1,181 @@
+"""Timing reports over a render folder: one table row per job and a PNG of per-chunk stage times.
+
+Every `timings.parquet` under the folder is read as one pyarrow dataset (all share TIMING_SCHEMA).
+Used by `worldgen report DIR` and the Prefect report flow; imports neither torch nor Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+
+from worldgen.timing import (
+    DEFAULT_WARMUP_CHUNKS,
+    TIMING_SCHEMA,
+    TimingSummary,
+    atomic_output,
+    check_timing_schema,
+    summarize,
+)
+
+TIMINGS_FILE = "timings.parquet"
+DEFAULT_PLOT_NAME = "timings.png"
+
+# The stages a chunk's total time is made of (generate_next_chunk = denoise + update_cache + decode + glue).
+PART_STAGES = ("denoise", "update_cache", "decode", "write")
+REPORTED_STAGES = (*PART_STAGES, "total")
+_STAGE_COLORS = dict(
+    zip(REPORTED_STAGES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "black"), strict=True)
+)
+
+
+def find_timing_files(folder: str | os.PathLike[str]) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    files = sorted(folder.rglob(TIMINGS_FILE))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no {TIMINGS_FILE} files under it")
+    return files
+
+
+def load_timings(folder: str | os.PathLike[str]) -> pa.Table:
+    """All chunk rows of every timings.parquet under `folder`, as one table."""
+    files = find_timing_files(folder)
+    for path in files:  # checked one by one so a bad file is named, which a dataset scan would not do
+        check_timing_schema(pq.read_schema(path), str(path))
+    return ds.dataset([str(p) for p in files], schema=TIMING_SCHEMA, format="parquet").to_table()
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    job_id: str
+    run_id: str
+    summary: TimingSummary
+
+
+def summarize_jobs(table: pa.Table, warmup_chunks: int = DEFAULT_WARMUP_CHUNKS) -> list[JobSummary]:
+    """One steady-state summary per (job_id, run_id), sorted by job_id."""
+    keys = sorted({(r["job_id"], r["run_id"]) for r in table.select(["job_id", "run_id"]).to_pylist()})
+    return [
+        JobSummary(job_id, run_id, summarize(_job_rows(table, job_id, run_id), warmup_chunks))
+        for job_id, run_id in keys
+    ]
+
+
+def _job_rows(table: pa.Table, job_id: str, run_id: str) -> pa.Table:
+    mask = pc.and_(pc.equal(table["job_id"], job_id), pc.equal(table["run_id"], run_id))
+    return table.filter(mask).sort_by("chunk_index")
+
+
+def format_table(jobs: list[JobSummary], markdown: bool = False) -> str:
+    """Per job: chunks, warm-up chunks skipped, steady-state mean seconds per stage, frames per second."""
+    stage_columns = [f"{stage} s" for stage in REPORTED_STAGES]
+    header = ["job", "run", "chunks", "warm-up", *stage_columns, "total p90 s", "frames/s"]
+    rows = []
+    for job in jobs:
+        s = job.summary
+        if s.stages:
+            seconds = [f"{s.stages[stage].mean:.3f}" for stage in REPORTED_STAGES]
+            p90 = f"{s.stages['total'].p90:.3f}"
+        else:  # no steady state to report: every chunk was a warm-up chunk
+            seconds, p90 = ["-"] * len(stage_columns), "-"
+        fps = "-" if s.frames_per_second is None else f"{s.frames_per_second:.2f}"
+        rows.append([job.job_id, job.run_id[:8], str(s.chunks), str(s.warmup_skipped), *seconds, p90, fps])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    else:
+        widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+        lines = [
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(r, widths, strict=True))
+            )
+            for r in [header, *rows]
+        ]
+    if any(not job.summary.stages for job in jobs):
+        lines += ["", "-: no steady state (every chunk is a warm-up chunk)"]
+    return "\n".join(lines)
+
+
+def plot_timings(
+    table: pa.Table,
+    jobs: list[JobSummary],
+    path: str | os.PathLike[str],
+    warmup_chunks: int = DEFAULT_WARMUP_CHUNKS,
+) -> Path:
+    """A PNG: per-chunk stage seconds of every job (left), steady-state mean seconds per stage (right)."""
+    path = Path(path)
+    figure = Figure(figsize=(13, max(4.0, 1.5 + 0.4 * len(jobs))), layout="constrained")
+    per_chunk, per_job = figure.subplots(1, 2, width_ratios=(3, 2))
+
+    for job in jobs:
+        rows = _job_rows(table, job.job_id, job.run_id)
+        chunk_index = rows["chunk_index"].to_numpy()
+        for stage in REPORTED_STAGES:
+            per_chunk.plot(
+                chunk_index,
+                rows[f"{stage}_seconds"].to_numpy(),
+                color=_STAGE_COLORS[stage],
+                marker=".",
+                alpha=0.7,
+                label=stage if job is jobs[0] else None,
+            )
+    if warmup_chunks > 0:
+        per_chunk.axvspan(-0.5, warmup_chunks - 0.5, color="0.9", label="warm-up")
+    per_chunk.set(title="seconds per chunk", xlabel="chunk index", ylabel="seconds")
+    per_chunk.legend(loc="upper right")
+
+    def steady_means(stage: str) -> np.ndarray:
+        return np.array([j.summary.stages[stage].mean if j.summary.stages else 0.0 for j in jobs])
+
+    y = np.arange(len(jobs))
+    left = np.zeros(len(jobs))
+    for stage in PART_STAGES:
+        means = steady_means(stage)
+        per_job.barh(y, means, left=left, color=_STAGE_COLORS[stage], label=stage)
+        left += means
+    # What the stage timers do not cover (noise, host glue), so each bar ends at the mean total.
+    per_job.barh(y, np.maximum(steady_means("total") - left, 0.0), left=left, color="0.7", label="other")
+    labels = [j.job_id if j.summary.stages else f"{j.job_id} (warm-up only)" for j in jobs]
+    per_job.set_yticks(y, labels)
+    per_job.invert_yaxis()
+    per_job.set(
+        title="steady-state mean per chunk", xlabel=f"seconds (warm-up chunks skipped: {warmup_chunks})"
+    )
+    per_job.legend(loc="lower right")
+
+    with atomic_output(path) as tmp_path:
+        figure.savefig(tmp_path, format="png", dpi=100)
+    return path
+
+
+@dataclass(frozen=True)
+class Report:
+    jobs: list[JobSummary]
+    table: str
+    plot: Path
+
+
+def build_report(
+    folder: str | os.PathLike[str],
+    plot_path: str | os.PathLike[str] | None = None,
+    warmup_chunks: int = DEFAULT_WARMUP_CHUNKS,
+    markdown: bool = False,
+) -> Report:
+    """Summary table and plot (default `folder/timings.png`) over every timings.parquet under `folder`."""
+    timings = load_timings(folder)
+    jobs = summarize_jobs(timings, warmup_chunks)
+    plot = plot_timings(
+        timings, jobs, Path(folder) / DEFAULT_PLOT_NAME if plot_path is None else plot_path, warmup_chunks
+    )
+    return Report(jobs, format_table(jobs, markdown), plot)
