@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worldgen.config import Job
+from worldgen.config import Job, job_settings_hash, job_to_dict
 from worldgen.control import check_actions, check_intrinsics, check_poses, latent_frame_count
-from worldgen.manifest import ManifestError, job_settings_hash, job_to_dict, load_manifest
+from worldgen.manifest import ManifestError, load_manifest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 ASSETS = MANIFESTS / "assets"
@@ -594,13 +594,14 @@ def test_job_to_dict_is_json_safe_and_round_trips(folder: Path):
     assert Job(**{key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()}) == job
 
 
-def test_settings_hash_needs_no_pydantic(folder: Path):
-    """The engine takes the hash from this module, and the engine must import without pydantic."""
+def test_engine_and_settings_hash_need_no_pydantic_prefect_or_yaml(folder: Path):
+    """The engine (render path included) runs where only torch and its I/O libraries are installed."""
     (job,) = load_manifest(write_jsonl(folder / "jobs.jsonl", GOOD))
     code = (
-        "import json, sys; sys.modules['pydantic'] = sys.modules['pydantic_core'] = None\n"
-        "from worldgen.config import Job\n"
-        "from worldgen.manifest import job_settings_hash\n"
+        "import json, sys\n"
+        "for name in ('pydantic', 'pydantic_core', 'prefect', 'yaml'): sys.modules[name] = None\n"
+        "import worldgen.render, worldgen.cli\n"
+        "from worldgen.config import Job, job_settings_hash\n"
         "settings = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[1]).items()}\n"
         "print(job_settings_hash(Job(**settings)))"
     )

@@ -8,8 +8,10 @@ pydantic (the manifest layer validates rows into it).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 ControlType = Literal["cam", "act"]
 
@@ -146,3 +148,33 @@ class Job:
     fps: int = 16
     timestep_indices: tuple[int, ...] = field(default=DEFAULT_TIMESTEP_INDICES)
     shift: float = DEFAULT_SHIFT
+
+
+PATH_FIELDS = ("image", "poses", "intrinsics", "actions")  # input files, resolved against the manifest
+_HASH_VERSION = 1  # bump when the meaning of the settings hash changes, so every job re-renders
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """The job's resolved settings as a JSON-safe dict (tuples become lists)."""
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in vars(job).items()}
+
+
+def job_from_dict(data: dict[str, Any]) -> Job:
+    """The inverse of `job_to_dict`."""
+    tuples = {name: tuple(value) for name, value in data.items() if isinstance(value, list)}
+    return Job(**{**data, **tuples})
+
+
+def job_settings_hash(job: Job) -> str:
+    """sha256 hex of the job's settings and the contents of its input files.
+
+    Paths enter through their files' contents, not their names: moving the inputs keeps the hash, editing
+    one changes it, as does changing any setting.
+    """
+    settings = job_to_dict(job)
+    for name in PATH_FIELDS:
+        if settings[name] is not None:
+            with open(settings[name], "rb") as file:
+                settings[name] = hashlib.file_digest(file, "sha256").hexdigest()
+    payload = json.dumps({"version": _HASH_VERSION, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()

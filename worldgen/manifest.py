@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
 import json
 import re
 import typing
@@ -26,7 +25,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from worldgen.config import DEFAULT_SHIFT, DiTConfig, Job
+from worldgen.config import DEFAULT_SHIFT, PATH_FIELDS, DiTConfig, Job
 from worldgen.control import (
     SPATIAL_STRIDE,
     TEMPORAL_STRIDE,
@@ -44,13 +43,11 @@ if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
 
 JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
-PATH_FIELDS = ("image", "poses", "intrinsics", "actions")  # resolved against the manifest's folder
 # An explicit height/width must fall on whole DiT patches of the VAE latent: 8x VAE stride x 2x2 patch.
 SIZE_MULTIPLE = SPATIAL_STRIDE * DiTConfig().patch_size[1]
 # job_id names the job's output folder: a plain name on every file system, never a path or a dot name.
 _SAFE_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SAFE_JOB_ID_RULE = "use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-_HASH_VERSION = 1  # bump when the meaning of the settings hash changes, so every job re-renders
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -143,26 +140,6 @@ def check_job(job: Job) -> list[tuple[str, str]]:
     _check_controls(job, problems)
     _check_schedule(job, problems)
     return problems
-
-
-def job_to_dict(job: Job) -> dict[str, Any]:
-    """The job's resolved settings as a JSON-safe dict (tuples become lists)."""
-    return {name: list(value) if isinstance(value, tuple) else value for name, value in vars(job).items()}
-
-
-def job_settings_hash(job: Job) -> str:
-    """sha256 hex of the job's settings and the contents of its input files.
-
-    Paths enter through their files' contents, not their names: moving the inputs keeps the hash, editing
-    one changes it, as does changing any setting.
-    """
-    settings = job_to_dict(job)
-    for name in PATH_FIELDS:
-        if settings[name] is not None:
-            with open(settings[name], "rb") as file:
-                settings[name] = hashlib.file_digest(file, "sha256").hexdigest()
-    payload = json.dumps({"version": _HASH_VERSION, "settings": settings}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 # -------------------------------------------------------------------------------------------- parsing

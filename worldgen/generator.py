@@ -1,0 +1,375 @@
+"""The chunked generator: models loaded once, one `Runtime` per video, one chunk per call.
+
+    generator = ChunkedGenerator(EngineSettings(model="tiny", device="cpu"))
+    runtime = generator.create_runtime(job)          # text, conditioning latent, control, KV cache
+    while not runtime.done:
+        chunk = runtime.generate_next_chunk()        # denoise (4 passes) -> cache update -> VAE decode
+        chunk.frames                                 # uint8 [T, H, W, 3] on the host
+
+Per chunk i over latent frames [f0, f0 + chunk_size): fresh Gaussian noise, 4 DiT passes with re-noising
+between them, one more pass on the clean latent at timestep 0 that only writes clean K/V into the rolling
+cache, then the streaming VAE decodes the chunk (9 video frames for chunk 0 of 3 latent frames, 12 after).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from worldgen.checkpoints import (
+    ModelFiles,
+    build_tokenizer,
+    load_dit,
+    load_text_encoder,
+    load_vae,
+    scan_checkpoint,
+    text_encoder_identity,
+)
+from worldgen.config import PRESETS, Job, ModelPreset, get_preset
+from worldgen.control import (
+    control_trajectory,
+    latent_frame_count,
+    load_actions,
+    load_intrinsics,
+    load_poses,
+    output_size,
+    video_frame_count,
+)
+from worldgen.models.dit import CausalDiT
+from worldgen.models.text import (
+    PromptEmbeddingCache,
+    PromptTokenizer,
+    TextEncoder,
+    UMT5Encoder,
+    embed_prompts,
+)
+from worldgen.models.vae import WanVAE, to_uint8_frames
+from worldgen.profiling import StageTimer, named_range, peak_memory_bytes, reset_peak_memory
+from worldgen.schedule import make_schedule, predict_x0, renoise
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+MASK_CHANNELS = 4  # the first latent frame's 4 video sub-frames are given (the image), the rest generated
+
+
+class JobInputError(ValueError):
+    """A job's inputs cannot be rendered (bad image, trajectory or control mode): retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to run the model (what to render is the `Job`)."""
+
+    model: str = "tiny"  # a preset name (seeded random weights) or a model folder (see checkpoints.py)
+    device: str = "cpu"
+    dtype: str | None = None  # DiT compute dtype; None: bfloat16 on CUDA, float32 on CPU
+    attention: str = "auto"  # auto | cudnn | flash | efficient | math
+    # The benchmark's yardstick: text K/V and camera modulation recomputed every pass, NCDHW Conv3d inputs.
+    plain: bool = False
+    weights_seed: int = 0  # seed of the random weights of a preset
+    prompt_cache: str | None = None  # folder of the prompt-embedding cache; None: keep none on disk
+
+    def resolved(self) -> EngineSettings:
+        """These settings with the defaults that depend on the device filled in, and checked."""
+        device = torch.device(self.device)
+        dtype = self.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if self.model not in PRESETS and not Path(self.model).is_dir():
+            raise ValueError(
+                f"model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder"
+            )
+        return replace(self, device=str(device), dtype=dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One generated chunk: its frames on the host and what it cost."""
+
+    index: int
+    first_latent_frame: int
+    latent_frames: int
+    kv_frames: int  # latent frames the chunk attended to (its own included)
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    seconds: dict[str, float]  # denoise, update_cache, decode, generate_next_chunk
+    peak_memory_bytes: int | None
+
+
+def _detect_preset(dit_checkpoint: Path) -> ModelPreset:
+    """The preset whose DiT has exactly the checkpoint's tensor names and shapes."""
+    shapes = {name: tuple(info.shape) for name, info in scan_checkpoint(dit_checkpoint).items()}
+    for preset in PRESETS.values():
+        with torch.device("meta"):
+            expected = {name: tuple(t.shape) for name, t in CausalDiT(preset.dit).state_dict().items()}
+        if expected == shapes:
+            return preset
+    raise JobInputError(f"{dit_checkpoint}: the DiT matches none of the presets {', '.join(PRESETS)}")
+
+
+class ChunkedGenerator:
+    """The DiT and the VAE, loaded once and reused by every job; the text encoder only while encoding."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings = settings.resolved()
+        self.device = torch.device(settings.device)
+        self.dtype = DTYPES[settings.dtype]
+        if settings.model in PRESETS:
+            self.preset, self.files = get_preset(settings.model), None
+            self.dit, self.vae = self._random_models()
+            self.encoder_identity = f"random:{self.preset.name}:seed{settings.weights_seed}"
+        else:
+            self.files = ModelFiles.locate(Path(settings.model))
+            self.preset = _detect_preset(self.files.dit)
+            self.dit = load_dit(self.files.dit, self.preset.dit, self.device, torch.float32)
+            self.vae = load_vae(self.files.vae, self.preset.vae, self.device)
+            self.encoder_identity = text_encoder_identity(self.files, self.preset.text)
+        # float64 runs everything in float64 (tests); otherwise the DiT's matmuls run in `dtype`.
+        if self.dtype == torch.float64:
+            self.dit.double()
+            self.vae.double()
+        else:
+            self.dit.set_compute_dtype(self.dtype)
+        self.dit.attention_backend = settings.attention
+        self.dit.eval().requires_grad_(False)
+        self.vae.eval().requires_grad_(False)
+        self.vae.set_channels_last(not settings.plain)
+        self.prompt_cache = (
+            PromptEmbeddingCache(Path(settings.prompt_cache), self.encoder_identity)
+            if settings.prompt_cache
+            else None
+        )
+
+    def _random_models(self) -> tuple[CausalDiT, WanVAE]:
+        # Built directly on the device: a full-size model never passes through host memory.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.settings.weights_seed)
+            with self.device:
+                return CausalDiT(self.preset.dit), WanVAE(self.preset.vae)
+
+    def _load_text_encoder(self) -> TextEncoder:
+        if self.files is not None:
+            return load_text_encoder(
+                self.files.text_encoder, self.files.tokenizer, self.preset.text, self.device, self._text_dtype
+            )
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.settings.weights_seed + 1)
+            with self.device:
+                model = UMT5Encoder(self.preset.text).to(self._text_dtype)
+        tokenizer = PromptTokenizer.from_tokenizer(
+            build_tokenizer(self.preset.text.vocab), self.preset.text.text_len
+        )
+        return TextEncoder(model, tokenizer)
+
+    @property
+    def _text_dtype(self) -> torch.dtype:
+        # umT5 is released in bf16; a CPU runs it in float32 (bf16 matmuls there are slow and inexact).
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def embed_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Text embeddings [text_len, text_dim] (host); each distinct prompt encoded once, cached on disk."""
+        return embed_prompts(prompts, self._load_text_encoder, self.prompt_cache)
+
+    def create_runtime(self, job: Job) -> Runtime:
+        with named_range("create_runtime"):
+            return Runtime(self, job)
+
+
+_SHARED: dict[EngineSettings, ChunkedGenerator] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_generator(settings: EngineSettings) -> ChunkedGenerator:
+    """One generator per process and settings, loaded on first use and reused by every later job."""
+    settings = settings.resolved()
+    with _SHARED_LOCK:
+        if settings not in _SHARED:
+            _SHARED[settings] = ChunkedGenerator(settings)
+        return _SHARED[settings]
+
+
+def load_image(path: str, height: int, width: int) -> torch.Tensor:
+    """RGB image -> [1, 3, 1, H, W] in [-1, 1], bicubic resize without crop (as upstream)."""
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except OSError as error:
+        raise JobInputError(f"image {path}: cannot be read ({error})") from error
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1.0
+    resized = F.interpolate(tensor, size=(height, width), mode="bicubic", align_corners=False)
+    return resized[:, :, None]
+
+
+class Runtime:
+    """The state of one video being generated: caches, conditioning, control, noise and the chunk cursor."""
+
+    def __init__(self, generator: ChunkedGenerator, job: Job) -> None:
+        self.generator, self.job = generator, job
+        dit, vae, device = generator.dit, generator.vae, generator.device
+        self.latent_frames = latent_frame_count(job.frame_num, job.chunk_size)
+        self.video_frames = video_frame_count(self.latent_frames)
+        self.num_chunks = self.latent_frames // job.chunk_size
+        self.height, self.width = self._output_size()
+        self.schedule = make_schedule(job.timestep_indices, job.shift)
+        self.control = self._control_trajectory()
+        compute = generator.dtype if generator.dtype == torch.float64 else torch.float32
+
+        text = generator.embed_prompts([job.prompt])[0][None].to(device, compute)
+        self.text = text if generator.settings.plain else dit.prepare_text(text)
+        self.y = self._conditioning(compute)
+        stride = vae.config.spatial_stride
+        self.cache = dit.make_kv_cache(
+            batch_size=1,
+            latent_height=self.height // stride,
+            latent_width=self.width // stride,
+            chunk_size=job.chunk_size,
+            local_attn_size=job.local_attn_size,
+            sink_size=job.sink_size,
+            num_frames=self.latent_frames,
+        )
+        self.decoder = vae.decode_stream().start()
+        # Initial noise and re-noising draw from two generators derived from the seed, on the device.
+        self.noise = torch.Generator(device).manual_seed(job.seed)
+        self.renoise_noise = torch.Generator(device).manual_seed(job.seed + 1)
+        self.latent_shape = (1, vae.config.z_dim, job.chunk_size, *self.y.shape[3:])
+        self.compute_dtype = compute
+        self.next_chunk = 0
+
+    @property
+    def done(self) -> bool:
+        return self.next_chunk >= self.num_chunks
+
+    def _output_size(self) -> tuple[int, int]:
+        job = self.job
+        if job.height is not None and job.width is not None:
+            return job.height, job.width
+        try:
+            with Image.open(job.image) as image:
+                width, height = image.size
+        except OSError as error:
+            raise JobInputError(f"image {job.image}: cannot be read ({error})") from error
+        return output_size(height, width, job.max_area)
+
+    def _control_trajectory(self):
+        job, control_type = self.job, self.generator.preset.dit.control_type
+        if control_type == "act" and job.actions is None:
+            raise JobInputError(f"job {job.job_id}: model {self.generator.preset.name} needs `actions`")
+        if control_type == "cam" and job.actions is not None:
+            raise JobInputError(
+                f"job {job.job_id}: `actions` given, but model {self.generator.preset.name} takes the camera"
+            )
+        try:
+            return control_trajectory(
+                load_poses(job.poses),
+                load_intrinsics(job.intrinsics),
+                frame_num=job.frame_num,
+                chunk_size=job.chunk_size,
+                height=self.height,
+                width=self.width,
+                intrinsics_size=job.intrinsics_size,
+                actions=load_actions(job.actions) if job.actions else None,
+            )
+        except (ValueError, OSError) as error:
+            raise JobInputError(f"job {job.job_id}: {error}") from error
+
+    @torch.no_grad()
+    def _conditioning(self, dtype: torch.dtype) -> torch.Tensor:
+        """y = cat[mask, VAE latent of (image, zeros...)] for every latent frame, [1, 20, L, h, w].
+
+        The zero frames are encoded chunk by chunk through the streaming encoder, so a long video never
+        materialises its full pixel tensor.
+        """
+        vae, device, chunk = self.generator.vae, self.generator.device, self.job.chunk_size
+        image = load_image(self.job.image, self.height, self.width).to(device, vae.dtype)
+        stride = vae.config.temporal_stride
+        latents = []
+        with vae.encode_stream() as stream:
+            latents.append(stream.encode(image))
+            zeros = image.new_zeros(1, 3, stride * chunk, self.height, self.width)
+            for first in range(1, self.latent_frames, chunk):
+                frames = min(chunk, self.latent_frames - first)
+                latents.append(stream.encode(zeros[:, :, : stride * frames]))
+        latent = torch.cat(latents, dim=2).to(dtype)
+        mask = torch.zeros_like(latent[:, :MASK_CHANNELS])
+        mask[:, :, 0] = 1.0
+        return torch.cat([mask, latent], dim=1)
+
+    @torch.no_grad()
+    def generate_next_chunk(self) -> Chunk:
+        if self.done:
+            raise RuntimeError(f"job {self.job.job_id}: all {self.num_chunks} chunks are already generated")
+        index, chunk = self.next_chunk, self.job.chunk_size
+        first, stop = index * chunk, (index + 1) * chunk
+        generator, dit, device = self.generator, self.generator.dit, self.generator.device
+        timer = StageTimer(device)
+        reset_peak_memory(device)
+        with named_range("generate_next_chunk"), timer.stage("generate_next_chunk"):
+            y = self.y[:, :, first:stop]
+            control = self.control.tensor(first, stop, self.compute_dtype)[None].to(device)
+            with named_range("denoise_chunk"), timer.stage("denoise"):
+                # Camera modulation once per chunk, reused by all 5 passes (the plain path recomputes it).
+                if not generator.settings.plain:
+                    control = dit.prepare_control(control)
+                latent = self._denoise(y, control, first)
+            with named_range("kv_cache_update_forward"), timer.stage("update_cache"):
+                dit(latent, 0, y, self.text, control, cache=self.cache, first_latent_frame=first)
+            with named_range("vae_decode"), timer.stage("decode"):
+                frames = to_uint8_frames(self.decoder.decode(latent))
+        self.next_chunk += 1
+        if self.done:
+            self.decoder.finish()
+        return Chunk(
+            index=index,
+            first_latent_frame=first,
+            latent_frames=chunk,
+            kv_frames=self.cache.visible_frames,
+            frames=frames,
+            seconds=dict(timer.seconds),
+            peak_memory_bytes=peak_memory_bytes(device),
+        )
+
+    def _denoise(self, y: torch.Tensor, control: Any, first: int) -> torch.Tensor:
+        """The denoising passes of one chunk; returns its clean latent x0."""
+        dit, sigmas = self.generator.dit, self.schedule.sigmas
+        x = self._gaussian(self.noise)
+        for step, (timestep, sigma) in enumerate(zip(self.schedule.timesteps, sigmas, strict=True)):
+            velocity = dit(x, timestep, y, self.text, control, cache=self.cache, first_latent_frame=first)
+            x0 = predict_x0(x, velocity.to(x.dtype), sigma)
+            if step + 1 < len(sigmas):
+                x = renoise(x0, self._gaussian(self.renoise_noise), sigmas[step + 1])
+        return x0
+
+    def _gaussian(self, rng: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(
+            self.latent_shape, generator=rng, device=self.generator.device, dtype=torch.float32
+        )
+        return noise.to(self.compute_dtype)
+
+    @cached_property
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings of this video, for the timing table and the done-marker."""
+        job, engine = self.job, self.generator.settings
+        return {
+            "model": self.generator.preset.name if self.generator.files is None else engine.model,
+            "height": self.height,
+            "width": self.width,
+            "latent_frames": self.latent_frames,
+            "video_frames": self.video_frames,
+            "chunks": self.num_chunks,
+            "steps": len(self.schedule),
+            "timesteps": list(self.schedule.timesteps),
+            "dtype": engine.dtype,
+            "attention": engine.attention,
+            "plain": engine.plain,
+            "device": engine.device,
+            "seed": job.seed,
+        }

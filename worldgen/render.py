@@ -1,0 +1,175 @@
+"""Render one job into its output folder: `OUT/<job_id>/{video.mp4, timings.parquet, job.json}`.
+
+Every file is written to a temp name and renamed into place; `job.json` comes last and is the "done"
+marker: it holds the job's settings hash, and a job whose marker matches is skipped. A crash or a kill at
+any point leaves either the previous finished outputs or none, never a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+import worldgen
+from worldgen.config import Job, job_settings_hash, job_to_dict
+from worldgen.generator import ChunkedGenerator, EngineSettings, Runtime
+from worldgen.profiling import device_environment, named_range
+from worldgen.timing import DEFAULT_WARMUP_CHUNKS, ChunkTiming, RunInfo, TimingLog, atomic_output
+from worldgen.video import VideoWriter
+
+MARKER = "job.json"
+VIDEO = "video.mp4"
+TIMINGS = "timings.parquet"
+
+
+def render_settings_hash(job: Job, engine: EngineSettings) -> str:
+    """The job's settings hash extended by what of the engine changes the pixels."""
+    engine = engine.resolved()
+    identity = {
+        "job": job_settings_hash(job),
+        "model": engine.model if engine.model.count("/") == 0 else str(Path(engine.model).resolve()),
+        "weights_seed": engine.weights_seed,
+        "dtype": engine.dtype,
+        "device_type": engine.device.split(":")[0],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def finished_marker(job_dir: Path, settings_hash: str) -> dict[str, Any] | None:
+    """The job's done-marker if it exists and matches `settings_hash` (and its outputs exist)."""
+    try:
+        marker = json.loads((job_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("settings_hash") != settings_hash:
+        return None
+    if not all((job_dir / name).is_file() for name in marker.get("outputs", [])):
+        return None
+    return marker
+
+
+def _run_info(runtime: Runtime, run_id: str) -> RunInfo:
+    generator, job, settings = runtime.generator, runtime.job, runtime.settings
+    return RunInfo(
+        run_id=run_id,
+        job_id=job.job_id,
+        model=settings["model"],
+        height=runtime.height,
+        width=runtime.width,
+        frame_num=job.frame_num,
+        chunk_size=job.chunk_size,
+        local_attn_size=job.local_attn_size,
+        sink_size=job.sink_size,
+        steps=len(runtime.schedule),
+        seed=job.seed,
+        dtype=generator.settings.dtype,
+        attention=generator.settings.attention,
+        compile=False,
+        fp8=False,
+        started_at=datetime.now(UTC),
+        **device_environment(generator.device),
+    )
+
+
+def render_job(
+    generator: ChunkedGenerator,
+    job: Job,
+    out_dir: Path,
+    *,
+    write_video: bool = True,
+    warmup_chunks: int = DEFAULT_WARMUP_CHUNKS,
+    progress: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Render `job` into `out_dir/<job_id>/` unless its marker says it is done; a small result dict."""
+    job_dir = Path(out_dir) / job.job_id
+    settings_hash = render_settings_hash(job, generator.settings)
+    if not force and (marker := finished_marker(job_dir, settings_hash)):
+        return {"job_id": job.job_id, "status": "skipped", **marker["result"]}
+    job_dir.mkdir(parents=True, exist_ok=True)
+    # The old marker no longer describes what the folder will hold: remove it before touching anything.
+    (job_dir / MARKER).unlink(missing_ok=True)
+
+    run_id = uuid.uuid4().hex
+    with named_range("workloop"):
+        started = time.perf_counter()
+        runtime = generator.create_runtime(job)
+        create_seconds = time.perf_counter() - started
+        log = TimingLog(settings={"job": job_to_dict(job), **runtime.settings, "run_id": run_id})
+        run = _run_info(runtime, run_id)
+        writer = (
+            VideoWriter(job_dir / VIDEO, height=runtime.height, width=runtime.width, fps=job.fps)
+            if write_video
+            else None
+        )
+        bar = tqdm(total=runtime.num_chunks, desc=job.job_id, unit="chunk", disable=not progress)
+        try:
+            if writer:
+                writer.open()
+            while not runtime.done:
+                chunk = runtime.generate_next_chunk()
+                write_started = time.perf_counter()
+                if writer:
+                    writer.write(chunk.frames)
+                write_seconds = time.perf_counter() - write_started
+                log.append(
+                    ChunkTiming.from_run(
+                        run,
+                        chunk_index=chunk.index,
+                        first_latent_frame=chunk.first_latent_frame,
+                        latent_frames=chunk.latent_frames,
+                        video_frames=len(chunk.frames),
+                        kv_frames=chunk.kv_frames,
+                        is_warmup=chunk.index < warmup_chunks,
+                        generate_next_chunk_seconds=chunk.seconds["generate_next_chunk"],
+                        denoise_seconds=chunk.seconds["denoise"],
+                        update_cache_seconds=chunk.seconds["update_cache"],
+                        decode_seconds=chunk.seconds["decode"],
+                        write_seconds=write_seconds,
+                        total_seconds=chunk.seconds["generate_next_chunk"] + write_seconds,
+                        peak_memory_bytes=chunk.peak_memory_bytes,
+                    )
+                )
+                bar.update()
+            if writer:
+                writer.close()
+        except BaseException:
+            if writer:
+                writer.abort()
+            raise
+        finally:
+            bar.close()
+    log.write(job_dir / TIMINGS)
+    summary = log.summary(warmup_chunks)
+    steady = summary.stages.get("generate_next_chunk")
+    result = {
+        "job_dir": str(job_dir),
+        "chunks": runtime.num_chunks,
+        "video_frames": runtime.video_frames,
+        "video": str(job_dir / VIDEO) if write_video else None,
+        "create_runtime_seconds": create_seconds,
+        "steady_seconds_per_chunk": steady.mean if steady else None,
+        "warmup_chunks_skipped": summary.warmup_skipped,
+    }
+    outputs = [TIMINGS, VIDEO] if write_video else [TIMINGS]
+    marker = {
+        "settings_hash": settings_hash,
+        "job": job_to_dict(job),
+        "settings": runtime.settings,
+        "engine": generator.settings.to_dict(),
+        "versions": {"worldgen": worldgen.__version__, **device_environment(generator.device)},
+        "run_id": run_id,
+        "finished_at": datetime.now(UTC).isoformat(),
+        "outputs": outputs,
+        "result": result,
+    }
+    with atomic_output(job_dir / MARKER) as temp:
+        temp.write_text(json.dumps(marker, indent=2, default=str))
+    return {"job_id": job.job_id, "status": "rendered", **result}
