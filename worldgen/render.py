@@ -20,7 +20,7 @@ from tqdm import tqdm
 import worldgen
 from worldgen.config import Job, job_settings_hash, job_to_dict
 from worldgen.generator import ChunkedGenerator, EngineSettings, Runtime
-from worldgen.profiling import device_environment, named_range
+from worldgen.profiling import device_environment, named_range, profile_ranges
 from worldgen.timing import DEFAULT_WARMUP_CHUNKS, ChunkTiming, RunInfo, TimingLog, atomic_output
 from worldgen.video import VideoWriter
 
@@ -98,14 +98,21 @@ def render_job(
     (job_dir / MARKER).unlink(missing_ok=True)
 
     run_id = uuid.uuid4().hex
-    with named_range("workloop"):
+    # WORLDGEN_PROFILE selects the ranges traced by the torch profiler (none by default).
+    with profile_ranges(job_dir / "traces"), named_range("workloop"):
         started = time.perf_counter()
         runtime = generator.create_runtime(job)
         create_seconds = time.perf_counter() - started
         log = TimingLog(settings={"job": job_to_dict(job), **runtime.settings, "run_id": run_id})
         run = _run_info(runtime, run_id)
         writer = (
-            VideoWriter(job_dir / VIDEO, height=runtime.height, width=runtime.width, fps=job.fps)
+            VideoWriter(
+                job_dir / VIDEO,
+                height=runtime.height,
+                width=runtime.width,
+                fps=job.fps,
+                expected_frames=runtime.video_frames,
+            )
             if write_video
             else None
         )

@@ -1,0 +1,187 @@
+"""The chunked generator and the render of one job: frames, timing rows, reproducibility, memory, crashes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from worldgen.cli import main as cli_main
+from worldgen.config import Job
+from worldgen.control import video_frame_count
+from worldgen.generator import ChunkedGenerator, EngineSettings, JobInputError, Runtime
+from worldgen.render import MARKER, TIMINGS, VIDEO, render_job
+from worldgen.timing import TIMING_SCHEMA, read_timings, summarize
+
+ASSETS = Path(__file__).resolve().parents[1] / "manifests" / "assets"
+
+
+def tiny_job(**changes) -> Job:
+    """A 64x48 camera job over the committed demo assets: 13 frames -> 4 latent frames -> 2 chunks of 2."""
+    job = Job(
+        job_id="tiny",
+        prompt="a red house on green hills",
+        image=str(ASSETS / "image.png"),
+        poses=str(ASSETS / "poses.npy"),
+        intrinsics=str(ASSETS / "intrinsics.npy"),
+        frame_num=13,
+        chunk_size=2,
+        local_attn_size=-1,
+        sink_size=0,
+        height=48,
+        width=64,
+        seed=3,
+    )
+    return dataclasses.replace(job, **changes)
+
+
+@pytest.fixture(scope="module")
+def generator() -> ChunkedGenerator:
+    return ChunkedGenerator(EngineSettings(model="tiny", device="cpu"))
+
+
+def all_frames(runtime: Runtime) -> np.ndarray:
+    chunks = []
+    while not runtime.done:
+        chunks.append(runtime.generate_next_chunk().frames)
+    return np.concatenate(chunks)
+
+
+def test_chunks_cover_the_video_frame_by_frame(generator):
+    runtime = generator.create_runtime(tiny_job(frame_num=17, chunk_size=2))  # 5 latent -> 4 -> 2 chunks
+    first = runtime.generate_next_chunk()
+    second = runtime.generate_next_chunk()
+    assert runtime.done and runtime.num_chunks == 2
+    assert (first.first_latent_frame, second.first_latent_frame) == (0, 2)
+    # The first latent frame decodes to 1 video frame, every later one to 4.
+    assert first.frames.shape == (1 + 4, 48, 64, 3) and first.frames.dtype == np.uint8
+    assert second.frames.shape == (8, 48, 64, 3)
+    assert set(first.seconds) == {"denoise", "update_cache", "decode", "generate_next_chunk"}
+    assert (first.kv_frames, second.kv_frames) == (2, 4)
+    with pytest.raises(RuntimeError, match="already generated"):
+        runtime.generate_next_chunk()
+
+
+def test_same_seed_same_frames_and_another_seed_other_frames(generator):
+    frames = all_frames(generator.create_runtime(tiny_job(seed=7)))
+    again = all_frames(generator.create_runtime(tiny_job(seed=7)))
+    other = all_frames(generator.create_runtime(tiny_job(seed=8)))
+    assert np.array_equal(frames, again)
+    assert not np.array_equal(frames, other)
+
+
+def test_cache_memory_is_flat_as_the_video_grows(generator):
+    """With a window, the KV cache is sized by the window, not by the video's length."""
+    window = {"chunk_size": 2, "local_attn_size": 4, "sink_size": 1}
+    short = generator.create_runtime(tiny_job(frame_num=13, **window))  # 4 latent frames
+    long = generator.create_runtime(tiny_job(frame_num=37, **window))  # 10 latent frames, 2.5x
+    assert long.latent_frames >= 2.5 * short.latent_frames
+    assert long.cache.keys.nbytes == short.cache.keys.nbytes
+    kv_frames = []
+    while not long.done:
+        kv_frames.append(long.generate_next_chunk().kv_frames)
+    assert kv_frames == [2, 4, 4, 4, 4]  # the window (sink 1 + 3 recent) caps what a chunk attends to
+    whole = generator.create_runtime(tiny_job(frame_num=37, chunk_size=2))
+    assert whole.cache.keys.nbytes > long.cache.keys.nbytes  # without a window it holds the whole video
+
+
+def test_render_writes_video_timings_and_marker(generator, tmp_path):
+    job = tiny_job(frame_num=17)
+    result = render_job(generator, job, tmp_path, progress=False)
+    job_dir = tmp_path / "tiny"
+    assert result["status"] == "rendered" and result["chunks"] == 2
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(job_dir / VIDEO))
+    assert frames == video_frame_count(4) == 13
+    reader = imageio_ffmpeg.read_frames(str(job_dir / VIDEO))
+    assert next(reader)["size"] == (64, 48)
+    reader.close()
+
+    table = read_timings(job_dir / TIMINGS)
+    assert table.schema.remove_metadata().equals(TIMING_SCHEMA)
+    assert table.column("chunk_index").to_pylist() == [0, 1]
+    assert table.column("is_warmup").to_pylist() == [True, False]
+    assert table.column("video_frames").to_pylist() == [5, 8]
+    summary = summarize(table)
+    assert summary.warmup_skipped == 1 and summary.steady_chunks == 1
+    assert result["steady_seconds_per_chunk"] == summary.stages["generate_next_chunk"].mean
+
+    marker = json.loads((job_dir / MARKER).read_text())
+    assert marker["job"]["job_id"] == "tiny" and marker["settings"]["video_frames"] == 13
+    assert sorted(marker["outputs"]) == [TIMINGS, VIDEO]
+    assert not [p.name for p in job_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_rerun_skips_and_changed_settings_rerender(generator, tmp_path):
+    first = render_job(generator, tiny_job(), tmp_path, progress=False)
+    assert first["status"] == "rendered"
+    assert render_job(generator, tiny_job(), tmp_path, progress=False)["status"] == "skipped"
+    assert render_job(generator, tiny_job(seed=4), tmp_path, progress=False)["status"] == "rendered"
+
+
+def test_failure_mid_video_leaves_no_video_and_no_marker(generator, tmp_path, monkeypatch):
+    render_job(generator, tiny_job(), tmp_path, progress=False)  # a finished earlier version of the job
+    real = Runtime.generate_next_chunk
+
+    def fail_on_second_chunk(self):
+        if self.next_chunk == 1:
+            raise RuntimeError("device lost")
+        return real(self)
+
+    monkeypatch.setattr(Runtime, "generate_next_chunk", fail_on_second_chunk)
+    with pytest.raises(RuntimeError, match="device lost"):
+        render_job(generator, tiny_job(seed=5), tmp_path, progress=False)
+    job_dir = tmp_path / "tiny"
+    # The old marker was removed before re-rendering, and the new video never reached its final name.
+    assert not (job_dir / MARKER).exists()
+    assert not [p.name for p in job_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    monkeypatch.undo()
+    assert render_job(generator, tiny_job(seed=5), tmp_path, progress=False)["status"] == "rendered"
+
+
+def test_a_failure_before_the_first_frame_leaves_no_video(generator, tmp_path):
+    with pytest.raises(JobInputError, match="poses"):
+        render_job(generator, tiny_job(frame_num=200), tmp_path, progress=False)
+    assert not (tmp_path / "tiny" / VIDEO).exists() and not (tmp_path / "tiny" / MARKER).exists()
+
+
+def test_the_control_mode_must_match_the_model(generator):
+    with pytest.raises(JobInputError, match="takes the camera"):
+        generator.create_runtime(tiny_job(actions=str(ASSETS / "actions.npy")))
+
+
+def test_plain_path_matches_the_fast_path():
+    """The benchmark's yardstick (text K/V and camera modulation every pass, NCDHW convs) == the default."""
+    fast = ChunkedGenerator(EngineSettings(model="tiny", dtype="float64"))
+    plain = ChunkedGenerator(EngineSettings(model="tiny", dtype="float64", plain=True))
+    assert plain.settings.plain and not plain.vae.channels_last
+    a = all_frames(fast.create_runtime(tiny_job()))
+    b = all_frames(plain.create_runtime(tiny_job()))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float64 rounding may flip a uint8 step
+
+
+def test_cli_renders_a_manifest_and_reports(tmp_path, capsys):
+    manifest = tmp_path / "jobs.jsonl"
+    job = {
+        "job_id": "cli-job",
+        "prompt": "a house",
+        "image": str(ASSETS / "image.png"),
+        "poses": str(ASSETS / "poses.npy"),
+        "intrinsics": str(ASSETS / "intrinsics.npy"),
+        "frame_num": 9,
+        "chunk_size": 1,
+        "local_attn_size": 2,
+        "sink_size": 1,
+        "height": 48,
+        "width": 64,
+    }
+    manifest.write_text(json.dumps(job) + "\n")
+    out = tmp_path / "out"
+    assert cli_main(["render", "--manifest", str(manifest), "--out", str(out)]) == 0
+    assert (out / "cli-job" / VIDEO).is_file() and (out / "cli-job" / MARKER).is_file()
+    assert cli_main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cli-job" in printed and (out / "timings.png").is_file()
