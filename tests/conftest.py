@@ -67,8 +67,13 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ.update(
         PREFECT_HOME=str(home), PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false"
     )
+    # Prefect built its settings when first imported (the test modules import it before this fixture runs):
+    # the environment alone would not reach this process, which would then start an ephemeral server.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     try:
-        yield api_url
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
     finally:
         for key, value in saved.items():
             if value is None:

@@ -37,6 +37,22 @@ _STAGE_COLORS = dict(
 )
 
 
+SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("chunks", pa.int32(), nullable=False),
+        pa.field("warmup_skipped", pa.int32(), nullable=False),
+        *(
+            pa.field(f"{stage}_{stat}_seconds", pa.float64())
+            for stage in REPORTED_STAGES
+            for stat in ("mean", "p90")
+        ),
+        pa.field("frames_per_second", pa.float64()),
+    ]
+)
+
+
 def find_timing_files(folder: str | os.PathLike[str]) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -105,6 +121,26 @@ def format_table(jobs: list[JobSummary], markdown: bool = False) -> str:
     if any(not job.summary.stages for job in jobs):
         lines += ["", "-: no steady state (every chunk is a warm-up chunk)"]
     return "\n".join(lines)
+
+
+def summary_table(jobs: list[JobSummary]) -> pa.Table:
+    """One row per job: chunk counts, steady-state mean and p90 seconds per stage, frames per second."""
+    rows = []
+    for job in jobs:
+        s = job.summary
+        row = {
+            "job_id": job.job_id,
+            "run_id": job.run_id,
+            "chunks": s.chunks,
+            "warmup_skipped": s.warmup_skipped,
+        }
+        for stage in REPORTED_STAGES:
+            stats = s.stages.get(stage)
+            row[f"{stage}_mean_seconds"] = stats.mean if stats else None
+            row[f"{stage}_p90_seconds"] = stats.p90 if stats else None
+        row["frames_per_second"] = s.frames_per_second
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
 def plot_timings(

@@ -1,0 +1,59 @@
+"""Prefect flow: a timing report over every `timings.parquet` under a render folder.
+
+    python -m flows.report out/demo
+
+Writes `report.parquet` (one row per job), `report.md` (the table) and `report.png` (per-chunk and
+steady-state stage seconds) into the folder, and publishes the table and the markdown as artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from worldgen.report import build_report, summary_table
+from worldgen.timing import DEFAULT_WARMUP_CHUNKS, atomic_output
+
+
+@flow(name="timing-report", log_prints=True)
+def timing_report(out_dir: str, warmup_chunks: int = DEFAULT_WARMUP_CHUNKS) -> dict[str, Any]:
+    """Summarise every job's timings under `out_dir`; returns the paths written."""
+    folder = Path(out_dir)
+    report = build_report(folder, plot_path=folder / "report.png", warmup_chunks=warmup_chunks, markdown=True)
+    table = summary_table(report.jobs)
+    with atomic_output(folder / "report.parquet") as temp:
+        pq.write_table(table, temp)
+    markdown = f"# worldgen timing report\n\n{report.table}\n\nPlot: `{report.plot}`\n"
+    with atomic_output(folder / "report.md") as temp:
+        temp.write_text(markdown)
+    create_table_artifact(table=table.to_pylist(), key="worldgen-timing-report", description=str(folder))
+    create_markdown_artifact(markdown=markdown, key="worldgen-timing-report-md")
+    print(report.table)
+    return {
+        "jobs": len(report.jobs),
+        "parquet": str(folder / "report.parquet"),
+        "markdown": str(folder / "report.md"),
+        "plot": str(report.plot),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.report", description=timing_report.__doc__)
+    parser.add_argument("out_dir", help="a render folder (one subfolder per job)")
+    parser.add_argument("--warmup-chunks", type=int, default=DEFAULT_WARMUP_CHUNKS)
+    args = parser.parse_args(argv)
+    state = timing_report(args.out_dir, warmup_chunks=args.warmup_chunks, return_state=True)
+    if not state.is_completed():
+        print(f"timing-report failed: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
