@@ -9,7 +9,9 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
+import torch
 
+from worldgen.checkpoints import write_checkpoint
 from worldgen.cli import main as cli_main
 from worldgen.config import Job
 from worldgen.control import video_frame_count
@@ -185,3 +187,18 @@ def test_cli_renders_a_manifest_and_reports(tmp_path, capsys):
     assert cli_main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "cli-job" in printed and (out / "timings.png").is_file()
+
+
+def test_a_model_folder_loads_in_the_run_layout_and_renders(tmp_path):
+    write_checkpoint("tiny", tmp_path / "model", seed=0, num_shards=2)
+    folder = ChunkedGenerator(EngineSettings(model=str(tmp_path / "model"), dtype="bfloat16"))
+    assert folder.preset.name == "tiny" and folder.files is not None
+    assert folder.dit.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert folder.dit.time_embedding[0].weight.dtype == torch.float32
+    runtime = folder.create_runtime(tiny_job())
+    assert runtime.generate_next_chunk().frames.shape == (1 + 4, 48, 64, 3)
+
+
+def test_unknown_models_are_named():
+    with pytest.raises(ValueError, match="neither a preset"):
+        ChunkedGenerator(EngineSettings(model="no-such-model"))

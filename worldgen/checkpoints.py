@@ -218,17 +218,20 @@ def load_checkpoint(
     module: nn.Module,
     source: Path,
     device: torch.device | str,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     what: str = "the model",
 ) -> nn.Module:
     """Fill a module built on the meta device from `source` (index json, .safetensors or .pth), strictly.
 
-    Float tensors are cast to `dtype` on load; one file's tensors are materialised at a time. The module is
-    returned in eval mode without gradients: loaded models are for inference.
+    Float tensors are cast to `dtype` on load, or with `dtype=None` each to the dtype of the module's own
+    (meta) tensor, so a mixed-precision layout is reached without a full copy in another dtype. One file's
+    tensors are materialised at a time. The module is returned in eval mode without gradients: loaded models
+    are for inference.
     """
     source = Path(source)
     infos = scan_checkpoint(source)
     check_checkpoint(module, infos, source, what)
+    own_dtypes = {name: tensor.dtype for name, tensor in module.state_dict().items()}
     files: dict[Path, list[str]] = {}
     for name, info in infos.items():
         files.setdefault(info.file, []).append(name)
@@ -237,7 +240,7 @@ def load_checkpoint(
             part = {}
             for name in names:
                 tensor = get_tensor(name)
-                target = dtype if tensor.is_floating_point() else tensor.dtype
+                target = (dtype or own_dtypes[name]) if tensor.is_floating_point() else tensor.dtype
                 part[name] = tensor.to(device=device, dtype=target)
             module.load_state_dict(part, strict=False, assign=True)
     if left := [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]:
@@ -294,9 +297,11 @@ def _find_dit(directory: Path) -> Path:
 
 
 def load_dit(source: Path, config: DiTConfig, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """The DiT in its run layout: token-wise matmul weights in `dtype`, the modulation path in float32."""
     from worldgen.models.dit import CausalDiT
 
-    return load_checkpoint(build_on_meta(lambda: CausalDiT(config)), source, device, dtype, "the DiT")
+    model = build_on_meta(lambda: CausalDiT(config)).set_compute_dtype(dtype)
+    return load_checkpoint(model, source, device, None, "the DiT")
 
 
 def load_vae(

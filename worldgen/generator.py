@@ -130,7 +130,9 @@ class ChunkedGenerator:
         else:
             self.files = ModelFiles.locate(Path(settings.model))
             self.preset = _detect_preset(self.files.dit)
-            self.dit = load_dit(self.files.dit, self.preset.dit, self.device, torch.float32)
+            # Loaded straight into the run layout (bf16 matmul weights): no float32 copy of 18.5 B params.
+            load_dtype = torch.float32 if self.dtype == torch.float64 else self.dtype
+            self.dit = load_dit(self.files.dit, self.preset.dit, self.device, load_dtype)
             self.vae = load_vae(self.files.vae, self.preset.vae, self.device)
             self.encoder_identity = text_encoder_identity(self.files, self.preset.text)
         # float64 runs everything in float64 (tests); otherwise the DiT's matmuls run in `dtype`.
