@@ -1,4 +1,4 @@
-"""The `worldgen` command line: render | report | checkpoint write."""
+"""The `worldgen` command line: render | bench | report | checkpoint write."""
 
 from __future__ import annotations
 
@@ -32,6 +32,35 @@ def _render(args: argparse.Namespace) -> int:
     for job in jobs:
         result = render_job(generator, job, out, write_video=args.write_video, force=args.force)
         print(f"{job.job_id}: {result['status']} -> {result['job_dir']}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from worldgen.bench import BenchSettings, format_summary, run_bench
+
+    settings = BenchSettings(
+        out=Path(args.out),
+        preset=args.preset,
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        height=args.height,
+        width=args.width,
+        frame_num=args.frame_num,
+        chunk_size=args.chunk_size,
+        window=args.window,
+        sink=args.sink,
+        chunks=args.chunks,
+        warmup_chunks=args.warmup_chunks,
+        seed=args.seed,
+        weights_seed=args.weights_seed,
+        compare_plain=args.compare == "plain",
+        profile=args.profile,
+        sync_check=args.sync_check,
+    )
+    summary = run_bench(settings)
+    print(format_summary(summary))
+    print(f"results: {Path(args.out) / 'bench.json'}")
     return 0
 
 
@@ -71,6 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--no-write-video", dest="write_video", action="store_false")
     render.add_argument("--force", action="store_true", help="re-render jobs whose outputs are up to date")
     render.set_defaults(handler=_render)
+
+    bench = commands.add_parser(
+        "bench", help="full-size benchmark with seeded random weights (see docs/benchmarks.md)"
+    )
+    bench.add_argument("--out", required=True, help="output folder: bench.json, <path>/timings.parquet")
+    bench.add_argument("--preset", default="lingbot-world-fast", choices=sorted(PRESETS))
+    bench.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
+    bench.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on CUDA, else f32)")
+    bench.add_argument(
+        "--attention", default="auto", help="fast path: auto|cudnn|flash|efficient|math|default"
+    )
+    bench.add_argument("--height", type=int, default=480)
+    bench.add_argument("--width", type=int, default=832)
+    bench.add_argument("--frame-num", type=int, default=201)
+    bench.add_argument("--chunk-size", type=int, default=3, help="latent frames per chunk")
+    bench.add_argument("--window", type=int, default=21, help="local_attn_size in latent frames; -1: all")
+    bench.add_argument("--sink", type=int, default=3, help="sink_size in latent frames")
+    bench.add_argument("--chunks", type=int, default=None, help="time only the first N chunks")
+    bench.add_argument("--warmup-chunks", type=int, default=1, help="left out of the steady state")
+    bench.add_argument("--seed", type=int, default=0, help="noise seed of the job")
+    bench.add_argument("--weights-seed", type=int, default=0)
+    bench.add_argument("--compare", choices=["plain"], default=None, help="also run the plain path")
+    bench.add_argument("--profile", action="store_true", help="profile one more chunk per path")
+    bench.add_argument(
+        "--sync-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the last timed chunk's DiT passes under sync debug mode 'error' (default: on CUDA)",
+    )
+    bench.set_defaults(handler=_bench)
 
     report = commands.add_parser("report", help="summarise every timings.parquet under a folder")
     report.add_argument("folder")

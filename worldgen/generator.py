@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from worldgen.control import (
     video_frame_count,
 )
 from worldgen.models.dit import CausalDiT
+from worldgen.models.random_init import materialize_random, random_dit, random_vae
 from worldgen.models.text import (
     PromptEmbeddingCache,
     PromptTokenizer,
@@ -53,8 +55,15 @@ from worldgen.models.text import (
     embed_prompts,
 )
 from worldgen.models.vae import WanVAE, to_uint8_frames
-from worldgen.profiling import StageTimer, named_range, peak_memory_bytes, reset_peak_memory
+from worldgen.profiling import (
+    StageTimer,
+    device_environment,
+    named_range,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
 from worldgen.schedule import make_schedule, predict_x0, renoise
+from worldgen.timing import ChunkTiming, RunInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 MASK_CHANNELS = 4  # the first latent frame's 4 video sub-frames are given (the image), the rest generated
@@ -105,6 +114,26 @@ class Chunk:
     seconds: dict[str, float]  # denoise, update_cache, decode, generate_next_chunk
     peak_memory_bytes: int | None
 
+    def timing_row(self, run: RunInfo, write_seconds: float, warmup_chunks: int) -> ChunkTiming:
+        """This chunk's Parquet row: what the generator measured plus the time spent writing its frames."""
+        seconds = self.seconds
+        return ChunkTiming.from_run(
+            run,
+            chunk_index=self.index,
+            first_latent_frame=self.first_latent_frame,
+            latent_frames=self.latent_frames,
+            video_frames=len(self.frames),
+            kv_frames=self.kv_frames,
+            is_warmup=self.index < warmup_chunks,
+            generate_next_chunk_seconds=seconds["generate_next_chunk"],
+            denoise_seconds=seconds["denoise"],
+            update_cache_seconds=seconds["update_cache"],
+            decode_seconds=seconds["decode"],
+            write_seconds=write_seconds,
+            total_seconds=seconds["generate_next_chunk"] + write_seconds,
+            peak_memory_bytes=self.peak_memory_bytes,
+        )
+
 
 def _detect_preset(dit_checkpoint: Path) -> ModelPreset:
     """The preset whose DiT has exactly the checkpoint's tensor names and shapes."""
@@ -120,14 +149,24 @@ def _detect_preset(dit_checkpoint: Path) -> ModelPreset:
 class ChunkedGenerator:
     """The DiT and the VAE, loaded once and reused by every job; the text encoder only while encoding."""
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, models: tuple[CausalDiT, WanVAE] | None = None) -> None:
+        """Load the models `settings.model` names, or take `models` (already built for that preset) as
+        they are: several generators may share one set of weights (the benchmark's plain and fast paths).
+        Each generator applies its attention backend and VAE layout to the models it is built with."""
         self.settings = settings = settings.resolved()
         self.device = torch.device(settings.device)
         self.dtype = DTYPES[settings.dtype]
         if settings.model in PRESETS:
             self.preset, self.files = get_preset(settings.model), None
-            self.dit, self.vae = self._random_models()
+            # Built on the device in the run layout: a full-size model never passes through host memory.
+            load_dtype = torch.float32 if self.dtype == torch.float64 else self.dtype
+            self.dit, self.vae = models or (
+                random_dit(self.preset.dit, self.device, load_dtype, settings.weights_seed),
+                random_vae(self.preset.vae, self.device, seed=settings.weights_seed),
+            )
             self.encoder_identity = f"random:{self.preset.name}:seed{settings.weights_seed}"
+        elif models is not None:
+            raise ValueError("prebuilt models go with a preset name as `model`, not a model folder")
         else:
             self.files = ModelFiles.locate(Path(settings.model))
             self.preset = _detect_preset(self.files.dit)
@@ -152,22 +191,14 @@ class ChunkedGenerator:
             else None
         )
 
-    def _random_models(self) -> tuple[CausalDiT, WanVAE]:
-        # Built directly on the device: a full-size model never passes through host memory.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.settings.weights_seed)
-            with self.device:
-                return CausalDiT(self.preset.dit), WanVAE(self.preset.vae)
-
     def _load_text_encoder(self) -> TextEncoder:
         if self.files is not None:
             return load_text_encoder(
                 self.files.text_encoder, self.files.tokenizer, self.preset.text, self.device, self._text_dtype
             )
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.settings.weights_seed + 1)
-            with self.device:
-                model = UMT5Encoder(self.preset.text).to(self._text_dtype)
+        with torch.device("meta"):
+            model = UMT5Encoder(self.preset.text).to(self._text_dtype)
+        materialize_random(model, self.device, self.settings.weights_seed + 1)
         tokenizer = PromptTokenizer.from_tokenizer(
             build_tokenizer(self.preset.text.vocab), self.preset.text.text_len
         )
@@ -189,15 +220,23 @@ class ChunkedGenerator:
 
 _SHARED: dict[EngineSettings, ChunkedGenerator] = {}
 _SHARED_LOCK = threading.Lock()
+_shared_loads = 0
 
 
 def shared_generator(settings: EngineSettings) -> ChunkedGenerator:
     """One generator per process and settings, loaded on first use and reused by every later job."""
+    global _shared_loads
     settings = settings.resolved()
     with _SHARED_LOCK:
         if settings not in _SHARED:
             _SHARED[settings] = ChunkedGenerator(settings)
+            _shared_loads += 1
         return _SHARED[settings]
+
+
+def generator_loads() -> int:
+    """How many generators `shared_generator` has loaded in this process: a batch worker should show 1."""
+    return _shared_loads
 
 
 def load_image(path: str, height: int, width: int) -> torch.Tensor:
@@ -368,6 +407,29 @@ class Runtime:
             self.latent_shape, generator=rng, device=self.generator.device, dtype=torch.float32
         )
         return noise.to(self.compute_dtype)
+
+    def run_info(self, run_id: str) -> RunInfo:
+        """What every timing row of this video shares: identity, resolved settings, environment."""
+        job, engine = self.job, self.generator.settings
+        return RunInfo(
+            run_id=run_id,
+            job_id=job.job_id,
+            model=self.settings["model"],
+            height=self.height,
+            width=self.width,
+            frame_num=job.frame_num,
+            chunk_size=job.chunk_size,
+            local_attn_size=job.local_attn_size,
+            sink_size=job.sink_size,
+            steps=len(self.schedule),
+            seed=job.seed,
+            dtype=engine.dtype,
+            attention=engine.attention,
+            compile=False,
+            fp8=False,
+            started_at=datetime.now(UTC),
+            **device_environment(self.generator.device),
+        )
 
     @cached_property
     def settings(self) -> dict[str, Any]:

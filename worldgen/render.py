@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 import worldgen
 from worldgen.config import Job, job_settings_hash, job_to_dict
-from worldgen.generator import ChunkedGenerator, EngineSettings, Runtime
+from worldgen.generator import ChunkedGenerator, EngineSettings
 from worldgen.profiling import device_environment, named_range, profile_ranges
-from worldgen.timing import DEFAULT_WARMUP_CHUNKS, ChunkTiming, RunInfo, TimingLog, atomic_output
+from worldgen.timing import DEFAULT_WARMUP_CHUNKS, TimingLog, atomic_output
 from worldgen.video import VideoWriter
 
 MARKER = "job.json"
@@ -55,29 +55,6 @@ def finished_marker(job_dir: Path, settings_hash: str) -> dict[str, Any] | None:
     return marker
 
 
-def _run_info(runtime: Runtime, run_id: str) -> RunInfo:
-    generator, job, settings = runtime.generator, runtime.job, runtime.settings
-    return RunInfo(
-        run_id=run_id,
-        job_id=job.job_id,
-        model=settings["model"],
-        height=runtime.height,
-        width=runtime.width,
-        frame_num=job.frame_num,
-        chunk_size=job.chunk_size,
-        local_attn_size=job.local_attn_size,
-        sink_size=job.sink_size,
-        steps=len(runtime.schedule),
-        seed=job.seed,
-        dtype=generator.settings.dtype,
-        attention=generator.settings.attention,
-        compile=False,
-        fp8=False,
-        started_at=datetime.now(UTC),
-        **device_environment(generator.device),
-    )
-
-
 def render_job(
     generator: ChunkedGenerator,
     job: Job,
@@ -104,7 +81,7 @@ def render_job(
         runtime = generator.create_runtime(job)
         create_seconds = time.perf_counter() - started
         log = TimingLog(settings={"job": job_to_dict(job), **runtime.settings, "run_id": run_id})
-        run = _run_info(runtime, run_id)
+        run = runtime.run_info(run_id)
         writer = (
             VideoWriter(
                 job_dir / VIDEO,
@@ -126,24 +103,7 @@ def render_job(
                 if writer:
                     writer.write(chunk.frames)
                 write_seconds = time.perf_counter() - write_started
-                log.append(
-                    ChunkTiming.from_run(
-                        run,
-                        chunk_index=chunk.index,
-                        first_latent_frame=chunk.first_latent_frame,
-                        latent_frames=chunk.latent_frames,
-                        video_frames=len(chunk.frames),
-                        kv_frames=chunk.kv_frames,
-                        is_warmup=chunk.index < warmup_chunks,
-                        generate_next_chunk_seconds=chunk.seconds["generate_next_chunk"],
-                        denoise_seconds=chunk.seconds["denoise"],
-                        update_cache_seconds=chunk.seconds["update_cache"],
-                        decode_seconds=chunk.seconds["decode"],
-                        write_seconds=write_seconds,
-                        total_seconds=chunk.seconds["generate_next_chunk"] + write_seconds,
-                        peak_memory_bytes=chunk.peak_memory_bytes,
-                    )
-                )
+                log.append(chunk.timing_row(run, write_seconds, warmup_chunks))
                 bar.update()
             if writer:
                 writer.close()

@@ -1,8 +1,10 @@
 """Attention through `F.scaled_dot_product_attention` with a chosen backend, and the reference window mask.
 
-Backends: `auto | cudnn | flash | efficient | math`. `auto` on CUDA tries cuDNN first (about 1.7x flash
-at LingBot shapes on H200), then flash, then memory-efficient, then math, taking the first one that
-supports the inputs; on other devices it leaves the choice to PyTorch's default dispatch.
+Backends: `auto | cudnn | flash | efficient | math | default`. `auto` on CUDA tries cuDNN first (about
+1.7x flash at LingBot shapes on H200), then flash, then memory-efficient, then math, taking the first one
+that supports the inputs; on other devices it leaves the choice to PyTorch's default dispatch. `default`
+is PyTorch's own dispatch everywhere, with no `sdpa_kernel` restriction: what a straightforward port gets,
+the attention of the benchmark's plain path. The others force that one kernel.
 
 `visibility_mask` builds the explicit [tokens, tokens] mask of chunked causal generation straight from
 the reference rules; the full-sequence forward with this mask is the oracle the rolling cache is tested
@@ -20,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worldgen.models.kv_cache import check_window
 
-AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
+AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 _NAMED_BACKENDS = {
@@ -53,13 +55,13 @@ def attention(
     arbitrary mask, so a masked call falls through to a backend that does (it is only used by the oracle).
     """
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    if backend != "auto":
+    if backend in _NAMED_BACKENDS:
         with sdpa_kernel(_NAMED_BACKENDS[backend]):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    elif q.device.type == "cuda":
+    elif backend == "auto" and q.device.type == "cuda":
         with sdpa_kernel(_CUDA_PRIORITY, set_priority=True):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    else:
+    else:  # "default", and "auto" off CUDA
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
 

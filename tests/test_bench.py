@@ -1,0 +1,326 @@
+"""The benchmark: FLOP counting against torch's counter and the reference page, the kernel floor, the
+sync check, the plain-path generator sharing the weights, and an end-to-end run on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from worldgen.bench import (
+    CATEGORIES,
+    AttentionCall,
+    BenchSettings,
+    KernelClock,
+    Matmul,
+    bench_generator,
+    chunk_ops,
+    dit_sync_check,
+    flops_by_category,
+    forward_ops,
+    random_text,
+    run_bench,
+    write_inputs,
+)
+from worldgen.cli import main
+from worldgen.config import get_preset
+from worldgen.control import check_actions, check_intrinsics, check_poses
+from worldgen.models.attention import attention
+from worldgen.models.random_init import random_dit, random_vae
+from worldgen.timing import read_timings
+
+REPO = Path(__file__).resolve().parents[1]
+TINY, FULL = get_preset("tiny"), get_preset("lingbot-world-fast")
+# A tiny run: 32x32 pixels (2x2 tokens per latent frame), 13 frames = 4 latent frames = 4 chunks of 1.
+TINY_ARGS = [
+    "--preset", "tiny", "--device", "cpu", "--height", "32", "--width", "32", "--frame-num", "13",
+    "--chunk-size", "1", "--window", "3", "--sink", "1",
+]  # fmt: skip
+TINY_SETTINGS = dict(
+    preset="tiny", device="cpu", height=32, width=32, frame_num=13, chunk_size=1, window=3, sink=1
+)
+
+SUMMARY_KEYS = {
+    "run_id", "settings", "environment", "build", "text_tflop_per_video", "kernels", "paths",
+    "plain_over_fast",
+}  # fmt: skip
+PATH_KEYS = {
+    "engine", "timings", "create_runtime_seconds", "chunks", "warmup_skipped", "steady_chunks",
+    "passes_per_chunk", "stages", "frames_per_second", "dit_seconds_per_chunk", "tflop_per_chunk",
+    "tflop_per_chunk_by_category", "tflop_per_pass_by_category", "achieved_tflops",
+    "floor_seconds_per_chunk", "floor_fraction", "peak_memory_bytes", "sync_check", "profile", "per_chunk",
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+def _tiny_pass_inputs(frames: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, frames, height, width, generator=generator)
+    y = torch.randn(1, 20, frames, height, width, generator=generator)
+    context = torch.randn(1, TINY.dit.text_len, TINY.dit.text_dim, generator=generator)
+    control = torch.randn(1, TINY.dit.control_channels, frames, height, width, generator=generator)
+    return x, y, context, control
+
+
+def _counted(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_forward_ops_match_torch_flop_counter() -> None:
+    """Chunk 1 of 2-frame chunks (kv = 4 frames), 2x3 tokens per frame: every category against torch."""
+    dit = random_dit(TINY.dit, "cpu", torch.float32, seed=0)
+    dit.attention_backend = "math"  # decomposes into bmm, which the counter sees
+    frames, height, width = 2, 4, 6
+    x, y, context, control = _tiny_pass_inputs(frames, height, width)
+    cache = dit.make_kv_cache(
+        batch_size=1,
+        latent_height=height,
+        latent_width=width,
+        chunk_size=frames,
+        local_attn_size=-1,
+        sink_size=0,
+        num_frames=2 * frames,
+    )
+    with torch.no_grad():
+        dit(x, 999, y, context, control, cache=cache, first_latent_frame=0)
+    ours = flops_by_category(forward_ops(TINY.dit, frames=frames, frame_tokens=6, kv_tokens=2 * frames * 6))
+
+    plain = _counted(lambda: dit(x, 999, y, context, control, cache=cache, first_latent_frame=frames))
+    assert plain == sum(ours.values())
+    text, camera = dit.prepare_text(context), dit.prepare_control(control)
+    fast = _counted(lambda: dit(x, 999, y, text, camera, cache=cache, first_latent_frame=frames))
+    assert fast == ours["linear"] + ours["self_attention"] + ours["cross_attention"]
+    assert _counted(lambda: dit.prepare_text(context)) == ours["text"]
+    assert _counted(lambda: dit.prepare_control(control)) == ours["camera"]
+
+
+def test_forward_ops_match_a_hand_count_on_tiny() -> None:
+    # tiny: dim 64, ffn 128, 2 layers, 2 heads of 32, in_dim 36, out 16, text 512 x 32, freq 256,
+    # control 384 channels; one frame of 4 tokens attending to 8 keys.
+    ops = flops_by_category(forward_ops(TINY.dit, frames=1, frame_tokens=4, kv_tokens=8))
+    patch = 2 * 4 * (36 * 4) * 64
+    time_mlp = 2 * 1 * 256 * 64 + 2 * 1 * 64 * 64 + 2 * 1 * 64 * (6 * 64)
+    projections = 2 * 6 * (2 * 4 * 64 * 64)  # 2 layers x (q k v o + cross q o)
+    ffn = 2 * (2 * 4 * 64 * 128 + 2 * 4 * 128 * 64)
+    head = 2 * 4 * 64 * 64
+    assert ops["linear"] == patch + time_mlp + projections + ffn + head == 851_968
+    assert ops["self_attention"] == 2 * 4 * 4 * 8 * 64 == 16_384  # 2 layers x 4 Lq Lk (heads x head_dim)
+    assert ops["cross_attention"] == 2 * 4 * 4 * 512 * 64
+    assert ops["camera"] == 2 * 4 * 1536 * 64 + (2 + 4 * 2) * 2 * 4 * 64 * 64
+    assert ops["text"] == 2 * 512 * 32 * 64 + (1 + 2 * 2) * 2 * 512 * 64 * 64
+
+
+def test_full_size_flops_match_the_reference_page() -> None:
+    """832x480 (1560 tokens per frame), chunk 3 = 4680 queries, full window of 21 frames = 32760 keys."""
+    ops = flops_by_category(forward_ops(FULL.dit, frames=3, frame_tokens=1560, kv_tokens=21 * 1560))
+    assert ops["linear"] == pytest.approx(112e12, rel=0.01)
+    assert ops["self_attention"] == pytest.approx(126e12, rel=0.01)
+    assert ops["cross_attention"] == pytest.approx(2e12, rel=0.03)
+    assert ops["camera"] == pytest.approx(39e12, rel=0.03)
+
+    def per_chunk(plain: bool) -> float:
+        ops = chunk_ops(FULL.dit, frames=3, frame_tokens=1560, kv_tokens=32760, passes=5, plain=plain)
+        return sum(op.flops for op in ops)
+
+    assert per_chunk(plain=False) == pytest.approx(1.24e15, rel=0.01)
+    # The page's 1.39 PFLOP recomputes the camera only; the plain path also recomputes the text K/V.
+    assert per_chunk(plain=True) - 5 * ops["text"] == pytest.approx(1.39e15, rel=0.01)
+
+
+def test_chunk_ops_repeat_per_pass_work_and_do_the_rest_once() -> None:
+    one = flops_by_category(forward_ops(TINY.dit, frames=3, frame_tokens=4, kv_tokens=24))
+    fast = flops_by_category(
+        chunk_ops(TINY.dit, frames=3, frame_tokens=4, kv_tokens=24, passes=5, plain=False)
+    )
+    plain = flops_by_category(
+        chunk_ops(TINY.dit, frames=3, frame_tokens=4, kv_tokens=24, passes=5, plain=True)
+    )
+    assert plain == {category: 5 * one[category] for category in CATEGORIES}
+    assert fast == {
+        **{category: 5 * one[category] for category in ("linear", "self_attention", "cross_attention")},
+        "camera": one["camera"],
+        "text": 0,
+    }
+
+
+def test_kernel_clock_measures_each_shape_once_and_sums_the_floor() -> None:
+    clock = KernelClock(torch.device("cpu"), torch.float32, calls=2)
+    matmul, call = Matmul("linear", 8, 16, 32, count=3), AttentionCall("self_attention", 8, 24, 2, 8, count=2)
+    seconds = clock.seconds(matmul, "auto"), clock.seconds(call, "default")
+    assert all(s > 0 for s in seconds)
+    assert clock.seconds(Matmul("camera", 8, 16, 32), "auto") == seconds[0]  # same shape, measured once
+    assert clock.floor_seconds([matmul, call], "default") == pytest.approx(3 * seconds[0] + 2 * seconds[1])
+    table = clock.to_dict()
+    assert [(m["m"], m["k"], m["n"]) for m in table["matmul"]] == [(8, 16, 32)]
+    assert table["matmul"][0]["tflops"] == pytest.approx(2 * 8 * 16 * 32 / seconds[0] / 1e12)
+    assert [(a["backend"], a["keys"]) for a in table["attention"]] == [("default", 24)]
+
+
+def test_default_attention_backend_equals_math() -> None:
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, n, 2, 8, dtype=torch.float64, generator=generator) for n in (5, 7, 7))
+    mask = torch.rand(5, 7, generator=generator) > 0.3
+    mask[:, 0] = True  # every query sees at least one key
+    for m in (None, mask):
+        torch.testing.assert_close(attention(q, k, v, "default", m), attention(q, k, v, "math", m))
+
+
+# ------------------------------------------------------------------------------------- inputs and hooks
+@pytest.mark.parametrize("preset", ["lingbot-world-fast", "lingbot-world-fast-act"])
+def test_synthetic_inputs_are_valid(tmp_path: Path, preset: str) -> None:
+    settings = BenchSettings(out=tmp_path, height=48, width=80, frame_num=21)
+    job = write_inputs(tmp_path, settings, get_preset(preset).dit.control_type)
+    with Image.open(job.image) as image:
+        assert image.size == (80, 48)
+    poses = check_poses(np.load(job.poses))
+    assert len(poses) == 21 and np.abs(np.diff(poses[:, :3, 3], axis=0)).max() < 0.2  # smooth
+    assert len(check_intrinsics(np.load(job.intrinsics))) == 21
+    assert (job.actions is not None) == (preset == "lingbot-world-fast-act")
+    if job.actions:
+        assert check_actions(np.load(job.actions))[:, 0].all()
+    assert (job.height, job.width, job.local_attn_size, job.sink_size) == (48, 80, 21, 3)
+
+
+def _tiny_generators(tmp_path: Path):
+    settings = BenchSettings(out=tmp_path, **TINY_SETTINGS).resolved()
+    dit, vae = random_dit(TINY.dit, "cpu", torch.float32), random_vae(TINY.vae, "cpu")
+    text = random_text(TINY.dit, seed=0)
+    job = write_inputs(tmp_path, settings, "cam")
+    return settings, dit, vae, text, job
+
+
+def test_plain_generator_shares_the_weights_and_gives_the_same_frames(tmp_path: Path) -> None:
+    settings, dit, vae, text, job = _tiny_generators(tmp_path)
+    fast = bench_generator(settings.engine(), (dit, vae), text, job, tmp_path / "prompts")
+    fast_frames = fast.create_runtime(job).generate_next_chunk().frames
+    assert dit.attention_backend == "auto" and vae.channels_last
+    plain = bench_generator(settings.engine(plain=True), (dit, vae), text, job, tmp_path / "prompts")
+    assert plain.dit is dit and plain.vae is vae
+    assert dit.attention_backend == "default" and not vae.channels_last
+    assert torch.equal(plain.embed_prompts([job.prompt])[0], text)  # from the cache: no encoder loaded
+    plain_frames = plain.create_runtime(job).generate_next_chunk().frames
+    np.testing.assert_allclose(plain_frames.astype(int), fast_frames.astype(int), atol=1)
+
+
+def test_sync_check_covers_the_dit_passes_but_not_the_stage_edge(tmp_path: Path) -> None:
+    settings, dit, vae, text, job = _tiny_generators(tmp_path)
+    generator = bench_generator(settings.engine(), (dit, vae), text, job, tmp_path / "prompts")
+    runtime = generator.create_runtime(job)
+    events: list[str] = []
+    with dit_sync_check(dit, len(runtime.schedule), set_mode=events.append):
+        dit.register_forward_pre_hook(lambda *_: events.append("pass"))  # runs after the check's hook
+        runtime.generate_next_chunk()
+    # 4 denoising passes under "error" without a break, off for the denoise/cache-update stage edge,
+    # on again for the cache-update pass, and off when the block ends.
+    assert events == [
+        "error", "pass", "error", "pass", "error", "pass", "error", "pass", "default",
+        "error", "pass", "default", "default",
+    ]  # fmt: skip
+    runtime.generate_next_chunk()  # the check's hooks are gone
+    assert events[13:] == ["pass"] * 5
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_bench_end_to_end_on_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("WORLDGEN_TORCH_PROFILER_WITH_STACK", "0")
+    monkeypatch.setenv("WORLDGEN_TORCH_PROFILER_PROFILE_MEMORY", "0")
+    out = tmp_path / "bench"
+    assert (
+        main(["bench", *TINY_ARGS, "--chunks", "2", "--compare", "plain", "--profile", "--out", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "floor %" in printed and f"results: {out / 'bench.json'}" in printed
+
+    summary = json.loads((out / "bench.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["build"]["dit_parameters"] == sum(
+        p.numel() for p in random_dit(TINY.dit, "cpu").parameters()
+    )
+    for name, attention_backend in (("fast", "auto"), ("plain", "default")):
+        path = summary["paths"][name]
+        assert set(path) == PATH_KEYS
+        assert (
+            path["engine"]["plain"] == (name == "plain") and path["engine"]["attention"] == attention_backend
+        )
+        rows = read_timings(out / name / "timings.parquet").to_pylist()
+        assert [r["chunk_index"] for r in rows] == [0, 1] and [r["is_warmup"] for r in rows] == [True, False]
+        assert {r["job_id"] for r in rows} == {f"bench-{name}"} and {r["attention"] for r in rows} == {
+            attention_backend
+        }
+        assert (path["chunks"], path["warmup_skipped"], path["steady_chunks"]) == (2, 1, 1)
+        steady = rows[1]
+        assert path["stages"]["generate_next_chunk"]["mean"] == steady["generate_next_chunk_seconds"]
+        assert path["dit_seconds_per_chunk"] == pytest.approx(
+            steady["denoise_seconds"] + steady["update_cache_seconds"]
+        )
+        ops = chunk_ops(TINY.dit, frames=1, frame_tokens=4, kv_tokens=2 * 4, passes=5, plain=name == "plain")
+        assert path["per_chunk"][1]["kv_frames"] == 2
+        assert path["tflop_per_chunk"] == pytest.approx(sum(op.flops for op in ops) / 1e12)
+        per_pass = flops_by_category(forward_ops(TINY.dit, frames=1, frame_tokens=4, kv_tokens=2 * 4))
+        assert path["tflop_per_pass_by_category"] == pytest.approx({k: v / 1e12 for k, v in per_pass.items()})
+        assert path["passes_per_chunk"] == 5
+        assert path["achieved_tflops"] == pytest.approx(
+            path["tflop_per_chunk"] / path["dit_seconds_per_chunk"]
+        )
+        assert path["floor_seconds_per_chunk"] > 0
+        assert path["floor_fraction"] == pytest.approx(
+            path["floor_seconds_per_chunk"] / path["dit_seconds_per_chunk"]
+        )
+        assert path["peak_memory_bytes"] is None  # a CPU keeps no peak
+        assert path["sync_check"] == {"enabled": False, "chunk_index": None, "held": None}
+        assert path["profile"]["chunk_index"] == 2 and Path(path["profile"]["trace"]).is_file()
+        assert {f["family"] for f in path["profile"]["families"]} >= {"matmul", "attention", "conv"}
+    assert summary["paths"]["plain"]["tflop_per_chunk"] > summary["paths"]["fast"]["tflop_per_chunk"]
+    assert summary["plain_over_fast"]["generate_next_chunk_seconds"] == pytest.approx(
+        summary["paths"]["plain"]["stages"]["generate_next_chunk"]["mean"]
+        / summary["paths"]["fast"]["stages"]["generate_next_chunk"]["mean"]
+    )
+    backends = {a["backend"] for a in summary["kernels"]["attention"]}
+    assert backends == {"auto", "default"}
+
+
+def test_a_failed_sync_check_is_reported_and_the_run_still_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    modes: list[str] = []
+
+    def fake_set_mode(mode: str) -> None:  # what CUDA does when a pass synchronises under "error"
+        modes.append(mode)
+        if mode == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", fake_set_mode)
+    summary = run_bench(BenchSettings(out=tmp_path, chunks=2, sync_check=True, **TINY_SETTINGS))
+    check = summary["paths"]["fast"]["sync_check"]
+    assert check["enabled"] and check["chunk_index"] == 1 and check["held"] is False
+    assert "synchronizing" in check["error"] and "bench.py" in check["error"]
+    assert len(read_timings(tmp_path / "fast" / "timings.parquet")) == 1  # the checked chunk's row is lost
+    assert modes[-1] == "default"
+
+
+def test_bad_chunk_counts_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--chunks 9, but the video has 4 chunks"):
+        run_bench(BenchSettings(out=tmp_path, chunks=9, **TINY_SETTINGS))
+    with pytest.raises(ValueError, match="chunks must be >= 1"):
+        BenchSettings(out=tmp_path, device="cpu", chunks=0).resolved()
+
+
+def test_bench_imports_without_the_orchestration_packages() -> None:
+    """The GPU box has torch, numpy, pyarrow, safetensors and pillow only."""
+    blocked = ["prefect", "pydantic", "yaml", "tqdm", "tokenizers", "imageio_ffmpeg", "matplotlib"]
+    code = (
+        f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
+        "import worldgen.bench, worldgen.cli; worldgen.cli.build_parser().parse_args(['bench', '--out', 'x'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
