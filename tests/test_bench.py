@@ -48,8 +48,8 @@ TINY_SETTINGS = dict(
 )
 
 SUMMARY_KEYS = {
-    "run_id", "settings", "environment", "build", "text_tflop_per_video", "kernels", "paths",
-    "plain_over_fast",
+    "run_id", "settings", "environment", "build", "compile_seconds", "text_tflop_per_video", "kernels",
+    "paths", "plain_over_fast",
 }  # fmt: skip
 PATH_KEYS = {
     "engine", "timings", "create_runtime_seconds", "chunks", "warmup_skipped", "steady_chunks",

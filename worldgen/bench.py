@@ -87,6 +87,8 @@ class BenchSettings:
     seed: int = 0  # the job's noise seed
     weights_seed: int = 0
     compare_plain: bool = False
+    compile: bool = False  # the fast path's blocks compiled (the plain path never is)
+    fp8: bool = False  # the fast path's token-wise matmuls in fp8 (the plain path stays bf16)
     profile: bool = False
     sync_check: bool | None = None  # None: on for CUDA (the check needs CUDA's sync debug mode)
 
@@ -125,6 +127,8 @@ class BenchSettings:
             dtype=self.dtype,
             attention=PLAIN_ATTENTION if plain else self.attention,
             plain=plain,
+            compile=self.compile and not plain,
+            fp8=self.fp8 and not plain,
             weights_seed=self.weights_seed,
         ).resolved()
 
@@ -593,9 +597,9 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """
     settings = settings.resolved()
     settings.out.mkdir(parents=True, exist_ok=True)
-    engines = {"fast": settings.engine()}
-    if settings.compare_plain:
-        engines["plain"] = settings.engine(plain=True)
+    # The plain path runs first: compiling and fp8 change the shared DiT in place for the fast path.
+    engines = {"plain": settings.engine(plain=True)} if settings.compare_plain else {}
+    engines["fast"] = settings.engine()
     device, dtype = torch.device(engines["fast"].device), DTYPES[engines["fast"].dtype]
     preset = get_preset(settings.preset)
 
@@ -616,6 +620,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         for name, engine in engines.items():
             generator = bench_generator(engine, (dit, vae), text, job, Path(inputs) / "prompts")
             runs[name] = run_path(name, generator, job, settings, run_id)
+            compile_seconds = sum(generator.compile_seconds.values())
 
     clock = KernelClock(device, dtype)
     paths = {name: path_figures(run, preset.dit, clock, settings.warmup_chunks) for name, run in runs.items()}
@@ -628,6 +633,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "settings": settings.to_dict(),
         "environment": _environment(device),
         "build": build,
+        "compile_seconds": compile_seconds if settings.compile else None,  # the fast path's, before chunk 0
         "text_tflop_per_video": text_flops / 1e12,  # the fast path's once-per-video text K/V
         "kernels": clock.to_dict(),
         "paths": paths,

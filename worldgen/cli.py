@@ -55,6 +55,8 @@ def _bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         weights_seed=args.weights_seed,
         compare_plain=args.compare == "plain",
+        compile=args.compile,
+        fp8=args.fp8,
         profile=args.profile,
         sync_check=args.sync_check,
     )
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="noise seed of the job")
     bench.add_argument("--weights-seed", type=int, default=0)
     bench.add_argument("--compare", choices=["plain"], default=None, help="also run the plain path")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the fast path's DiT blocks")
+    bench.add_argument("--fp8", action="store_true", help="fp8 (e4m3, row-scaled) matmuls on the fast path")
     bench.add_argument("--profile", action="store_true", help="profile one more chunk per path")
     bench.add_argument(
         "--sync-check",

@@ -35,6 +35,7 @@ from worldgen.checkpoints import (
     scan_checkpoint,
     text_encoder_identity,
 )
+from worldgen.compile import compile_dit, warmup
 from worldgen.config import PRESETS, Job, ModelPreset, get_preset
 from worldgen.control import (
     control_trajectory,
@@ -62,6 +63,7 @@ from worldgen.profiling import (
     peak_memory_bytes,
     reset_peak_memory,
 )
+from worldgen.quant import quantize_dit
 from worldgen.schedule import make_schedule, predict_x0, renoise
 from worldgen.timing import ChunkTiming, RunInfo
 
@@ -83,6 +85,8 @@ class EngineSettings:
     attention: str = "auto"  # auto | cudnn | flash | efficient | math
     # The benchmark's yardstick: text K/V and camera modulation recomputed every pass, NCDHW Conv3d inputs.
     plain: bool = False
+    compile: bool = False  # torch.compile every DiT block (worldgen/compile.py)
+    fp8: bool = False  # e4m3 row-scaled matmuls for the DiT's token-wise layers (worldgen/quant.py)
     weights_seed: int = 0  # seed of the random weights of a preset
     prompt_cache: str | None = None  # folder of the prompt-embedding cache; None: keep none on disk
 
@@ -96,6 +100,10 @@ class EngineSettings:
             raise ValueError(
                 f"model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder"
             )
+        if self.fp8 and dtype != "bfloat16":
+            raise ValueError(f"fp8 layers run in a bfloat16 model, not {dtype}")
+        if self.plain and (self.compile or self.fp8):
+            raise ValueError("the plain path is the uncompiled bf16 yardstick: no compile, no fp8")
         return replace(self, device=str(device), dtype=dtype)
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,6 +193,11 @@ class ChunkedGenerator:
         self.dit.eval().requires_grad_(False)
         self.vae.eval().requires_grad_(False)
         self.vae.set_channels_last(not settings.plain)
+        if settings.fp8:
+            quantize_dit(self.dit)
+        if settings.compile:
+            compile_dit(self.dit)
+        self.compile_seconds: dict[tuple[int, int, int], float] = {}  # per (frames, h, w) chunk shape
         self.prompt_cache = (
             PromptEmbeddingCache(Path(settings.prompt_cache), self.encoder_identity)
             if settings.prompt_cache
@@ -215,7 +228,24 @@ class ChunkedGenerator:
 
     def create_runtime(self, job: Job) -> Runtime:
         with named_range("create_runtime"):
-            return Runtime(self, job)
+            runtime = Runtime(self, job)
+            self._compile_for(runtime)
+            return runtime
+
+    def _compile_for(self, runtime: Runtime) -> None:
+        """Compile the blocks for this video's chunk shape now, so no chunk pays for it (timed apart)."""
+        stride = self.vae.config.spatial_stride
+        shape = (runtime.job.chunk_size, runtime.height // stride, runtime.width // stride)
+        if self.settings.compile and shape not in self.compile_seconds:
+            frames, height, width = shape
+            report = warmup(
+                self.dit,
+                latent_frames=frames,
+                latent_height=height,
+                latent_width=width,
+                dtype=runtime.compute_dtype,
+            )
+            self.compile_seconds[shape] = report.compile_seconds
 
 
 _SHARED: dict[EngineSettings, ChunkedGenerator] = {}
@@ -425,8 +455,8 @@ class Runtime:
             seed=job.seed,
             dtype=engine.dtype,
             attention=engine.attention,
-            compile=False,
-            fp8=False,
+            compile=engine.compile,
+            fp8=engine.fp8,
             started_at=datetime.now(UTC),
             **device_environment(self.generator.device),
         )
@@ -447,6 +477,8 @@ class Runtime:
             "dtype": engine.dtype,
             "attention": engine.attention,
             "plain": engine.plain,
+            "compile": engine.compile,
+            "fp8": engine.fp8,
             "device": engine.device,
             "seed": job.seed,
         }

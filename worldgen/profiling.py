@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import worldgen
@@ -338,16 +339,19 @@ def _summarize_trace_file(path: Path) -> TraceSummary:
 
 
 def _summarize_profile(prof: profile) -> TraceSummary:
-    # FunctionEvent.activity_type holds the same category names as the trace file's "cat".
-    events = prof.events()
-    kernels = [
-        (e.name, e.time_range.elapsed_us()) for e in events if e.activity_type in _GPU_TRACE_CATEGORIES
-    ]
+    # Device-side events (kernels, memcpy, memset) carry the device's type (`activity_type` is newer than
+    # torch 2.11). Ranges (record_function) appear on the GPU timeline too, as user annotations spanning
+    # their kernels: counting them would count those kernels twice.
+    events = [e for e in prof.events() if not e.is_user_annotation]
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
     if kernels:
         return _group(kernels, _GPU_SOURCE)
-    return _group(
-        ((e.name, e.self_cpu_time_total) for e in events if e.activity_type == "cpu_op"), _CPU_SOURCE
+    cpu_ops = (
+        (e.name, e.self_cpu_time_total)
+        for e in events
+        if e.device_type == DeviceType.CPU and not getattr(e, "is_python_function", False)  # torch >= 2.12
     )
+    return _group(cpu_ops, _CPU_SOURCE)
 
 
 def summarize_trace(source: profile | str | os.PathLike[str]) -> TraceSummary:

@@ -62,6 +62,11 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.to(self.weight.dtype))
 
+    @property
+    def output_dtype(self) -> torch.dtype:
+        """dtype of this layer's output; attention and the KV cache follow it (fp8 layers output bf16)."""
+        return self.weight.dtype
+
 
 class Conv3d(nn.Conv3d):
     """nn.Conv3d that runs in its weight's dtype, whatever the dtype of its input."""
@@ -183,24 +188,33 @@ class SelfAttention(_Attention):
     def forward(self, x: Tensor, ctx: _PassContext) -> Tensor:
         """x [B, F, S, dim] -> [B, F, S, dim]: attends to the cache (and this pass's frames) or, without a
         cache, to the frames of x under `ctx.mask`."""
-        dtype = self.q.weight.dtype
+        dtype = self.q.output_dtype
         tokens = x.flatten(1, 2)
         query = apply_rope(self._heads(self.norm_q(self.q(tokens))), *ctx.rope).to(dtype)
         key = apply_rope(self._heads(self.norm_k(self.k(tokens))), *ctx.rope).to(dtype)
         value = self._heads(self.v(tokens))
+        return self._output(self.attend(query, key, value, ctx), x.shape)
+
+    # The cache cursors are host ints that change from chunk to chunk (slots, visible length), and this
+    # layer's index differs from block to block: a compiled block (worldgen/compile.py) that traced them
+    # would recompile per layer and per cache state. Kept out of the graph, they never reach a guard, and
+    # the cache write and SDPA are single kernels that compilation would not fuse anyway.
+    @torch.compiler.disable
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, ctx: _PassContext) -> Tensor:
+        """Write this pass's K/V into the cache (if any), then attend to what the queries may see."""
         if ctx.cache is not None:
             key, value = ctx.cache.update(self.layer, key, value)
-        return self._output(attention(query, key, value, ctx.backend, ctx.mask), x.shape)
+        return attention(query, key, value, ctx.backend, ctx.mask)
 
 
 class CrossAttention(_Attention):
     def text_kv(self, text_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Embedded text [B, T, dim] -> K, V [B, T, heads, head_dim]; once per video."""
-        key = self._heads(self.norm_k(self.k(text_tokens))).to(self.k.weight.dtype)
+        key = self._heads(self.norm_k(self.k(text_tokens))).to(self.k.output_dtype)
         return key, self._heads(self.v(text_tokens))
 
     def forward(self, x: Tensor, text_kv: tuple[Tensor, Tensor], backend: AttentionBackend) -> Tensor:
-        query = self._heads(self.norm_q(self.q(x.flatten(1, 2)))).to(self.q.weight.dtype)
+        query = self._heads(self.norm_q(self.q(x.flatten(1, 2)))).to(self.q.output_dtype)
         return self._output(attention(query, *text_kv, backend), x.shape)
 
 
@@ -317,8 +331,8 @@ class CausalDiT(nn.Module):
         sink_size: int,
         num_frames: int,
     ) -> KVCache:
-        """A rolling cache for this model, in the dtype and on the device of its attention weights."""
-        weight = self.blocks[0].self_attn.k.weight
+        """A rolling cache for this model, in the dtype of its K projection's output, on its device."""
+        key_layer = self.blocks[0].self_attn.k
         return KVCache(
             num_layers=self.config.num_layers,
             batch_size=batch_size,
@@ -329,8 +343,8 @@ class CausalDiT(nn.Module):
             local_attn_size=local_attn_size,
             sink_size=sink_size,
             num_frames=num_frames,
-            dtype=weight.dtype,
-            device=weight.device,
+            dtype=key_layer.output_dtype,
+            device=key_layer.weight.device,
         )
 
     # --------------------------------------------------------------------- per-video and per-chunk state

@@ -1,0 +1,234 @@
+"""fp8 linear layers (worldgen/quant.py): e4m3 rounding bounds, the layers swapped, and the error of a
+quantised DiT against float32, on CPU through the exact emulation; the kernel path on a GPU."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from worldgen.config import DiTConfig, get_preset
+from worldgen.models.dit import CausalDiT, Linear
+from worldgen.quant import (
+    E4M3,
+    Fp8Linear,
+    dequantize_rows,
+    fp8_error,
+    quantize_dit,
+    quantize_rows,
+    scaled_mm,
+    scaled_mm_emulated,
+    supports_scaled_mm,
+)
+
+LATENT_HW = (4, 6)
+TIMESTEPS = (999.0, 947.0, 825.0)
+# Every layer the swap must cover in the 2-block tiny model, listed here rather than derived from the
+# pattern under test.
+PER_BLOCK = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o",
+    "ffn.0", "ffn.2", "cam_injector_layer1", "cam_injector_layer2", "cam_scale_layer", "cam_shift_layer",
+)  # fmt: skip
+EXPECTED_FP8 = {f"blocks.{block}.{name}" for block in (0, 1) for name in PER_BLOCK} | {
+    "c2ws_hidden_states_layer1",
+    "c2ws_hidden_states_layer2",
+}
+EXPECTED_KEPT = {f"blocks.{block}.cross_attn.{name}" for block in (0, 1) for name in "kv"} | {
+    "patch_embedding_wancamctrl", "text_embedding.0", "text_embedding.2", "time_embedding.0",
+    "time_embedding.2", "time_projection.1", "head.head",
+}  # fmt: skip
+
+
+# -------------------------------------------------------------- helpers (test_compile.py uses them too)
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_model() -> CausalDiT:
+    """The tiny DiT in float32 with every weight moved off its default."""
+    torch.manual_seed(0)
+    model = CausalDiT(get_preset("tiny").dit, attention_backend="math")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model.eval().requires_grad_(False)
+
+
+def chunk_inputs(frames: int, config: DiTConfig) -> dict[str, torch.Tensor]:
+    """Random latents, conditioning, control and text context for `frames` latent frames."""
+    height, width = LATENT_HW
+    return {
+        "noise": _randn(1, config.out_dim, frames, height, width, seed=10),
+        "y": _randn(1, config.in_dim - config.out_dim, frames, height, width, seed=11),
+        "control": _randn(1, config.control_channels, frames, height, width, seed=12),
+        "context": _randn(1, 20, config.text_dim, seed=13),
+    }
+
+
+def rollout(
+    model: CausalDiT, inputs: dict[str, torch.Tensor], chunk: int, window: int, sink: int = 0
+) -> list[torch.Tensor]:
+    """Velocities of every pass of a chunked rollout (denoising passes + cache update per chunk)."""
+    frames = inputs["noise"].shape[2]
+    cache = model.make_kv_cache(
+        batch_size=1, latent_height=LATENT_HW[0], latent_width=LATENT_HW[1], chunk_size=chunk,
+        local_attn_size=window, sink_size=sink, num_frames=frames,
+    )  # fmt: skip
+    text = model.prepare_text(inputs["context"])
+    velocities = []
+    for first in range(0, frames, chunk):
+        part = slice(first, first + chunk)
+        control = model.prepare_control(inputs["control"][:, :, part])
+        x, y = inputs["noise"][:, :, part], inputs["y"][:, :, part]
+        for timestep in (*TIMESTEPS, 0.0):
+            velocity = model(x, timestep, y, text, control, cache=cache, first_latent_frame=first)
+            velocities.append(velocity)
+            if timestep:  # the next pass sees this pass's x0 estimate, as in denoising
+                x = x - timestep / 1000 * velocity
+    return velocities
+
+
+def _fp8_model(reference: CausalDiT, use_scaled_mm: bool | None = False) -> CausalDiT:
+    return quantize_dit(copy.deepcopy(reference).set_compute_dtype(torch.bfloat16), use_scaled_mm)
+
+
+# ---------------------------------------------------------------------------------------------- rounding
+def test_quantize_rows_round_trip_is_within_e4m3_rounding() -> None:
+    # Rows of very different magnitudes, plus a row of zeros: each row must get its own scale.
+    x = _randn(64, 256) * torch.logspace(-3, 3, 64)[:, None]
+    x[5] = 0.0
+    codes, scale = quantize_rows(x)
+    assert codes.dtype == E4M3 and scale.dtype == torch.float32 and scale.shape == (64, 1)
+    scaled = x / scale
+    assert torch.allclose(scaled.abs().amax(dim=1)[x.abs().amax(dim=1) > 0], torch.tensor(448.0))
+    error = (dequantize_rows(codes, scale) - x).abs()
+    # e4m3: 3 mantissa bits, so a normal number (|code| >= 2^-6) is off by at most half an ulp = 2^-4 of
+    # itself; subnormals are off by at most half the smallest step 2^-9.
+    normal = scaled.abs() >= 2**-6
+    assert (error[normal] <= 2**-4 * x.abs()[normal]).all()
+    assert (error <= torch.maximum(2**-4 * x.abs(), 2**-10 * scale)).all()
+    assert (dequantize_rows(codes, scale)[5] == 0).all()
+    assert not torch.isnan(codes.float()).any()
+
+
+def test_fp8_linear_output_error_is_small_on_random_data() -> None:
+    linear = Linear(512, 384).bfloat16().requires_grad_(False)
+    x = _randn(300, 512, seed=1)
+    exact = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+    fp8 = Fp8Linear.from_linear(linear, use_scaled_mm=False)
+    out = fp8(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == (300, 384)
+    assert fp8.weight.dtype == E4M3 and fp8.weight_scale.shape == (384,)
+    error = fp8_error(exact, out)
+    # Two e4m3 roundings of ~2^-5 relative rms each; bf16 alone is ~10x better.
+    assert 0.01 < error < 0.05
+    assert fp8_error(exact, linear(x.bfloat16())) < error / 5
+    # Leading dimensions pass through, as for nn.Linear.
+    torch.testing.assert_close(fp8(x.bfloat16().view(3, 100, 512)), out.view(3, 100, 384), rtol=0, atol=0)
+
+
+def test_emulation_is_the_scaled_matmul_of_the_dequantised_operands() -> None:
+    x_codes, x_scale = quantize_rows(_randn(40, 64, seed=2))
+    w_codes, w_scale = quantize_rows(_randn(48, 64, seed=3))
+    bias = _randn(48, seed=4).bfloat16()
+    expected = dequantize_rows(x_codes, x_scale).double() @ dequantize_rows(w_codes, w_scale).double().t()
+    out = scaled_mm_emulated(x_codes, x_scale, w_codes, w_scale.squeeze(1), bias)
+    torch.testing.assert_close(out, (expected + bias.double()).bfloat16(), rtol=2**-8, atol=1e-6)
+
+
+def test_scaled_mm_call_matches_the_emulation_on_cpu() -> None:
+    """The arguments handed to torch._scaled_mm (scale shapes, transposed weight, bias) mean what the
+    emulation computes. CPU builds with a row-wise _scaled_mm check it without a GPU."""
+    x_codes, x_scale = quantize_rows(_randn(40, 64, seed=5))
+    w_codes, w_scale = quantize_rows(_randn(48, 64, seed=6))
+    bias = _randn(48, seed=7).bfloat16()
+    try:
+        kernel = scaled_mm(x_codes, x_scale, w_codes, w_scale.squeeze(1), bias)
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"this CPU build has no row-wise torch._scaled_mm: {error}")
+    emulated = scaled_mm_emulated(x_codes, x_scale, w_codes, w_scale.squeeze(1), bias)
+    torch.testing.assert_close(kernel, emulated, rtol=2**-7, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def test_quantize_dit_swaps_exactly_the_token_wise_layers() -> None:
+    reference = tiny_model()
+    model = _fp8_model(reference)
+    swapped = {name for name, module in model.named_modules() if isinstance(module, Fp8Linear)}
+    kept = {name for name, module in model.named_modules() if isinstance(module, Linear)}
+    assert swapped == EXPECTED_FP8
+    assert kept == EXPECTED_KEPT
+    bf16 = copy.deepcopy(reference).set_compute_dtype(torch.bfloat16).state_dict()
+    for name in kept:  # untouched: same dtype (bf16, or float32 for the time MLP) and values
+        assert torch.equal(model.get_submodule(name).weight, bf16[f"{name}.weight"])
+    # State dict: every original key stays; each swapped layer adds its weight_scale.
+    keys, reference_keys = set(model.state_dict()), set(reference.state_dict())
+    assert keys - reference_keys == {f"{name}.weight_scale" for name in EXPECTED_FP8}
+    assert reference_keys <= keys
+    assert model.state_dict()["blocks.0.ffn.0.weight"].dtype == E4M3
+    # The parameter count is unchanged (fp8 weights stay parameters), and a second call changes nothing.
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert quantize_dit(model) is model
+    assert {name for name, module in model.named_modules() if isinstance(module, Fp8Linear)} == EXPECTED_FP8
+
+
+def test_quantize_dit_rejects_models_it_cannot_serve() -> None:
+    with pytest.raises(
+        ValueError, match=r"c2ws_hidden_states_layer1\.weight is torch\.float32; .* bf16 model"
+    ):
+        quantize_dit(tiny_model())
+    config = get_preset("tiny").dit
+    odd = CausalDiT(replace(config, ffn_dim=120)).set_compute_dtype(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.0 is 64 -> 120 features; .* multiples of 16"):
+        quantize_dit(odd)
+
+
+@torch.no_grad()
+def test_fp8_rollout_stays_close_to_float32() -> None:
+    """A 3-chunk rollout through the rolling cache: fp8 (emulated) vs float32, with bf16 as the yardstick."""
+    reference = tiny_model()
+    inputs = chunk_inputs(6, reference.config)
+    exact = rollout(reference, inputs, 2, 4)
+    bf16 = rollout(copy.deepcopy(reference).set_compute_dtype(torch.bfloat16), inputs, 2, 4)
+    fp8 = rollout(_fp8_model(reference), inputs, 2, 4)
+    bf16_errors = [fp8_error(e, b) for e, b in zip(exact, bf16, strict=True)]
+    fp8_errors = [fp8_error(e, f) for e, f in zip(exact, fp8, strict=True)]
+    assert all(v.dtype == torch.float32 for v in fp8)
+    # Measured per pass: bf16 0.006-0.011, fp8 0.06-0.105 (each e4m3 rounding costs ~2^-5 relative rms, and
+    # a pass goes through ~10 quantised layers). The ratio shows the fp8 rounding is really there.
+    assert max(fp8_errors) < 0.15
+    assert min(f / b for f, b in zip(fp8_errors, bf16_errors, strict=True)) > 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and supports_scaled_mm(torch.device("cuda"))),
+    reason="needs a CUDA device with compute capability >= 8.9",
+)
+@torch.no_grad()
+def test_scaled_mm_kernel_matches_emulation_on_gpu() -> None:
+    device = torch.device("cuda")
+    # Layer level, at a full-size shape: same codes, so only the summation order differs.
+    x_codes, x_scale = quantize_rows(_randn(4680, 5120, seed=20).to(device, torch.bfloat16))
+    w_codes, w_scale = quantize_rows(_randn(5120, 5120, seed=21).to(device, torch.bfloat16) / 70)
+    bias = _randn(5120, seed=22).to(device, torch.bfloat16)
+    kernel = scaled_mm(x_codes, x_scale, w_codes, w_scale.squeeze(1), bias)
+    emulated = scaled_mm_emulated(x_codes, x_scale, w_codes, w_scale.squeeze(1), bias)
+    assert kernel.dtype == torch.bfloat16
+    assert fp8_error(emulated, kernel) < 2**-8  # one bf16 rounding of a different float32 sum
+    # Model level: the kernel path (picked by default on this device) vs the emulation.
+    reference = tiny_model().to(device)
+    inputs = {name: t.to(device) for name, t in chunk_inputs(4, reference.config).items()}
+    with_kernel = _fp8_model(reference, use_scaled_mm=None)
+    assert all(m.use_scaled_mm for m in with_kernel.modules() if isinstance(m, Fp8Linear))
+    kernel_out = rollout(with_kernel, inputs, 2, 4)
+    emulated_out = rollout(_fp8_model(reference, use_scaled_mm=False), inputs, 2, 4)
+    exact = rollout(reference, inputs, 2, 4)
+    for k, e, x in zip(kernel_out, emulated_out, exact, strict=True):
+        # Another summation order can move a bf16 output by one ulp, and the next layer's e4m3 code of it
+        # by one step: such flips compound over the passes (0.030 seen on an H200) but stay well below the
+        # fp8 error itself (~0.1).
+        assert fp8_error(x, k) < 0.15
+        assert fp8_error(e, k) < 0.5 * fp8_error(x, k)

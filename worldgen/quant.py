@@ -1,0 +1,183 @@
+"""fp8 (e4m3, row-wise scaled) linear layers for the DiT, as an opt-in (gpt-fast style).
+
+    model.set_compute_dtype(torch.bfloat16)   # fp8 sits on top of bf16 compute
+    quantize_dit(model)                       # after loading the weights, before compiling
+
+`quantize_dit` swaps the token-wise `Linear`s that run on every pass or every chunk for `Fp8Linear`s:
+
+- per block: self-attention q/k/v/o, cross-attention q/o, the FFN, the camera layers
+  (cam_injector_layer1/2, cam_scale_layer, cam_shift_layer);
+- the control path's c2ws_hidden_states_layer1/2.
+
+Left in bf16: cross-attention k/v and the text embedding (they run once per video on 512 text tokens, so fp8
+would save nothing measurable, while their output is reused by every pass of every chunk and any error there
+would persist), the patch embeddings (raw latent and Plücker features), the time embedding/projection
+(float32 modulation tables) and the head (its output is the velocity itself).
+
+An `Fp8Linear` holds its weight as float8_e4m3fn [out, in] with one float32 scale per output row
+(`weight_scale` [out]), and quantises its input per row (per token) on the fly: q = x / s with
+s = amax(|row|) / 448, so every row uses e4m3's whole range. Its output is bf16.
+On CUDA with compute capability >= 8.9 it calls `torch._scaled_mm(x_q, w_q.t(), scale_a=s_x [M, 1],
+scale_b=s_w [1, N], bias=bf16, out_dtype=bf16)`; the row-wise recipe needs both scales float32 and
+contiguous, K and N multiples of 16, `x_q` row-major, `w_q.t()` column-major, and bf16 output: the one
+output every row-wise backend takes (the CUTLASS kernel that serves sm89, and sm90 with cuBLAS < 12.9,
+takes nothing else). Elsewhere the same quantised tensors are multiplied exactly in float32
+(products of e4m3 numbers are exact in float32; only the summation order differs from the kernel).
+
+State dict: the keys of the swapped layers stay (`weight` now float8_e4m3fn, `bias` bf16), and every swapped
+layer adds `<layer>.weight_scale`. A quantised model therefore loads only its own state dict; load the
+checkpoint first, then quantise. Do not cast the model (`.to(dtype)`, `.double()`) after quantising: that
+would turn the fp8 weights back into wider floats.
+
+The quantised activations are computed in eager mode by a few elementwise kernels per layer; under
+`torch.compile` (worldgen/compile.py) they fuse with the norm and modulation before each layer.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from worldgen.models.dit import CausalDiT, Linear
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+# A row of zeros gets this amax instead of 0, so its scale is finite and its codes are zeros.
+_MIN_AMAX = 1e-12
+_KERNEL_MULTIPLE = 16  # torch._scaled_mm: K and N must be multiples of 16
+
+# Names (relative to CausalDiT) of the Linear layers that quantize_dit swaps; see the module docstring.
+FP8_LAYERS = re.compile(
+    r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qo]|ffn\.[02]"
+    r"|cam_injector_layer[12]|cam_scale_layer|cam_shift_layer)"
+    r"|c2ws_hidden_states_layer[12]"
+)
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (e4m3 codes [M, K], float32 scales [M, 1]) with x ≈ codes * scales, row by row."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_AMAX)
+    scale = amax / E4M3_MAX
+    # Divide in float32 (bf16 would round before e4m3 does); the clamp keeps a quotient a rounding step
+    # above 448 from becoming NaN, as e4m3fn has no infinity.
+    codes = (x / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return codes, scale
+
+
+def dequantize_rows(codes: Tensor, scale: Tensor) -> Tensor:
+    """The float32 values that e4m3 `codes` [M, K] with row scales [M, 1] stand for."""
+    return codes.float() * scale
+
+
+def scaled_mm(
+    x_codes: Tensor, x_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    """bf16 [M, N] = (x_codes * x_scale) @ (w_codes * w_scale[:, None]).T + bias through torch._scaled_mm.
+
+    x_codes [M, K] and w_codes [N, K] e4m3, x_scale [M, 1] and w_scale [N] float32, bias [N] bf16 or None.
+    """
+    return torch._scaled_mm(
+        x_codes.contiguous(),
+        w_codes.t(),  # column-major [K, N], as the kernel requires
+        scale_a=x_scale,
+        scale_b=w_scale.unsqueeze(0),
+        bias=bias,
+        out_dtype=torch.bfloat16,
+    )
+
+
+def scaled_mm_emulated(
+    x_codes: Tensor, x_scale: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None
+) -> Tensor:
+    """`scaled_mm` computed in float32 on any device: the products of e4m3 codes are exact, the scales and
+    the bias are applied after the sum as the kernel's epilogue does, and the result is rounded once."""
+    out = (x_codes.float() @ w_codes.float().t()) * x_scale * w_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(torch.bfloat16)
+
+
+def supports_scaled_mm(device: torch.device) -> bool:
+    """Whether torch._scaled_mm runs row-wise scaled e4m3 on `device`: NVIDIA compute capability >= 8.9."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Fp8Linear(nn.Module):
+    """A Linear with e4m3 weights (one scale per output row) and per-row e4m3 activations; bf16 output."""
+
+    output_dtype = torch.bfloat16
+
+    def __init__(
+        self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, use_scaled_mm: bool
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # Fixed when the layer is built: a Python bool, so a compiled graph holds one branch only.
+        self.use_scaled_mm = use_scaled_mm
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, use_scaled_mm: bool | None = None) -> Fp8Linear:
+        """Quantise `linear` on its device; `use_scaled_mm` None: the kernel wherever it runs."""
+        codes, scale = quantize_rows(linear.weight)
+        bias = None if linear.bias is None else linear.bias.to(torch.bfloat16)
+        if use_scaled_mm is None:
+            use_scaled_mm = supports_scaled_mm(linear.weight.device)
+        return cls(codes, scale.squeeze(1), bias, use_scaled_mm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_codes, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        matmul = scaled_mm if self.use_scaled_mm else scaled_mm_emulated
+        out = matmul(x_codes, x_scale, self.weight, self.weight_scale, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, use_scaled_mm={self.use_scaled_mm}"
+        )
+
+
+def quantize_dit(model: CausalDiT, use_scaled_mm: bool | None = None) -> CausalDiT:
+    """Swap the layers named by FP8_LAYERS for Fp8Linear, in place; returns the model.
+
+    The model must compute in bf16 (`set_compute_dtype(torch.bfloat16)`): fp8 layers output bf16, and the
+    attention of a block mixes their outputs with those of the bf16 layers kept (cross-attention k/v).
+    `use_scaled_mm`: None picks torch._scaled_mm where the device supports it and the float32 emulation
+    elsewhere; True/False force one (tests).
+    """
+    swaps = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, Linear) and FP8_LAYERS.fullmatch(name)
+    ]
+    for name, linear in swaps:
+        if linear.weight.dtype != torch.bfloat16:
+            raise ValueError(
+                f"quantize_dit: {name}.weight is {linear.weight.dtype}; fp8 layers need a bf16 model "
+                "(call set_compute_dtype(torch.bfloat16) before quantize_dit)"
+            )
+        if linear.in_features % _KERNEL_MULTIPLE or linear.out_features % _KERNEL_MULTIPLE:
+            raise ValueError(
+                f"quantize_dit: {name} is {linear.in_features} -> {linear.out_features} features; "
+                f"torch._scaled_mm needs both to be multiples of {_KERNEL_MULTIPLE}"
+            )
+    for name, linear in swaps:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, Fp8Linear.from_linear(linear, use_scaled_mm))
+    return model
+
+
+def fp8_error(reference: Tensor, quantised: Tensor) -> float:
+    """Relative L2 error ||quantised - reference|| / ||reference||, computed in float64."""
+    if reference.shape != quantised.shape:
+        raise ValueError(f"fp8_error: shapes differ, {list(reference.shape)} vs {list(quantised.shape)}")
+    reference = reference.detach().double()
+    return float((quantised.detach().double() - reference).norm() / reference.norm())
