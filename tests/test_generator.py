@@ -202,3 +202,15 @@ def test_a_model_folder_loads_in_the_run_layout_and_renders(tmp_path):
 def test_unknown_models_are_named():
     with pytest.raises(ValueError, match="neither a preset"):
         ChunkedGenerator(EngineSettings(model="no-such-model"))
+
+
+def test_fast_path_switches_are_checked_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="fp8 layers run in a bfloat16 model"):
+        EngineSettings(fp8=True).resolved()  # a CPU defaults to float32
+    with pytest.raises(ValueError, match="plain path"):
+        EngineSettings(plain=True, compile=True).resolved()
+    fp8 = ChunkedGenerator(EngineSettings(model="tiny", dtype="bfloat16", fp8=True))
+    result = render_job(fp8, tiny_job(), tmp_path, progress=False)
+    table = read_timings(tmp_path / "tiny" / TIMINGS)
+    assert result["status"] == "rendered" and set(table.column("fp8").to_pylist()) == {True}
+    assert json.loads((tmp_path / "tiny" / MARKER).read_text())["settings"]["fp8"] is True

@@ -37,6 +37,7 @@ def render_settings_hash(job: Job, engine: EngineSettings) -> str:
         "model": engine.model if engine.model.count("/") == 0 else str(Path(engine.model).resolve()),
         "weights_seed": engine.weights_seed,
         "dtype": engine.dtype,
+        "fp8": engine.fp8,
         "device_type": engine.device.split(":")[0],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
