@@ -26,6 +26,8 @@ def _render(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         attention=args.attention,
+        compile=args.compile,
+        fp8=args.fp8,
         prompt_cache=str(out / ".prompt-cache"),
     )
     generator = ChunkedGenerator(settings)
@@ -98,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--model", default="tiny", help="preset name (random weights) or model folder")
     render.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     render.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else f32)")
-    render.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math")
+    render.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math|default")
+    render.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
+    render.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
     render.add_argument("--no-write-video", dest="write_video", action="store_false")
     render.add_argument("--force", action="store_true", help="re-render jobs whose outputs are up to date")
     render.set_defaults(handler=_render)

@@ -82,7 +82,7 @@ class EngineSettings:
     model: str = "tiny"  # a preset name (seeded random weights) or a model folder (see checkpoints.py)
     device: str = "cpu"
     dtype: str | None = None  # DiT compute dtype; None: bfloat16 on CUDA, float32 on CPU
-    attention: str = "auto"  # auto | cudnn | flash | efficient | math
+    attention: str = "auto"  # auto | cudnn | flash | efficient | math | default (PyTorch picks)
     # The benchmark's yardstick: text K/V and camera modulation recomputed every pass, NCDHW Conv3d inputs.
     plain: bool = False
     compile: bool = False  # torch.compile every DiT block (worldgen/compile.py)
