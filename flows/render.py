@@ -1,20 +1,28 @@
 """Prefect flow: render every job of a manifest, resumably, one job at a time per device.
 
     python -m flows.render manifests/demo.jsonl --out out/demo [--model tiny|PATH] [--device cpu|cuda:0]
+    python -m flows.render MANIFEST --out DIR --device cuda --runner ray --ray-address auto
 
 The flow validates the whole manifest first (nothing renders when a row is bad), then maps one task per job.
 A job whose `job.json` marker matches its settings hash is skipped, so a re-run after a crash or a kill
 finishes the batch without redoing work. Tasks take and return paths and small dicts, never tensors; the
-generator is loaded once per worker process and reused across jobs.
+generator is loaded once per worker process and reused across jobs. The `ray` runner renders on a Ray
+cluster, one job at a time per long-lived worker holding one GPU (flows/ray_runner.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
+import os
+import socket
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -22,12 +30,15 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.settings import PREFECT_API_URL
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from worldgen.config import job_from_dict, job_to_dict
-from worldgen.generator import EngineSettings, JobInputError, shared_generator
+from worldgen.generator import EngineSettings, JobInputError, generator_loads, shared_generator
 from worldgen.manifest import load_manifest
 from worldgen.render import render_job
+
+RUNNERS = ("local", "ray")
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
@@ -50,10 +61,23 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 def render_job_task(
     job: dict[str, Any], out_dir: str, engine: dict[str, Any], write_video: bool = True
 ) -> dict[str, Any]:
+    started_at = datetime.now(UTC).isoformat()
     generator = shared_generator(EngineSettings(**engine))
     result = render_job(generator, job_from_dict(job), Path(out_dir), write_video=write_video, progress=False)
     get_run_logger().info("%s: %s", result["job_id"], result["status"])
-    return result
+    return {**result, **_worker_record(started_at)}
+
+
+def _worker_record(started_at: str) -> dict[str, Any]:
+    """Which worker ran the task, on which GPU, and how many models its process has loaded so far."""
+    return {
+        "worker_host": socket.gethostname(),
+        "worker_pid": os.getpid(),
+        "worker_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # set by Ray for a Ray worker's GPUs
+        "model_loads": generator_loads(),
+        "started_at": started_at,
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -67,44 +91,27 @@ def _markdown_summary(results: list[dict[str, Any]], failed: dict[str, str]) -> 
     lines = [
         "# worldgen batch",
         "",
-        "| job | status | chunks | s/chunk (steady) | video |",
-        "|---|---|---|---|---|",
+        "| job | status | chunks | s/chunk (steady) | video | worker |",
+        "|---|---|---|---|---|---|",
     ]
     for row in results:
         seconds = row.get("steady_seconds_per_chunk")
         shown = f"{seconds:.3f}" if seconds is not None else "-"
-        cells = [row["job_id"], row["status"], row.get("chunks", "-"), shown, row.get("video") or "-"]
+        worker = f"{row['worker_host']}:{row['worker_pid']} GPU {row['worker_gpus'] or '-'}"
+        cells = [row["job_id"], row["status"], row.get("chunks", "-"), shown, row.get("video") or "-", worker]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += [f"| {job_id} | failed: {reason} | - | - | - |" for job_id, reason in failed.items()]
+    lines += [f"| {job_id} | failed: {reason} | - | - | - | - |" for job_id, reason in failed.items()]
     return "\n".join(lines)
 
 
-# One worker thread: jobs on one device run one after another, sharing the loaded model. The Ray runner
-# swaps in a task runner with one worker per GPU.
-@flow(name="render-manifest", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def render_manifest(
-    manifest: str,
-    out_dir: str,
-    model: str = "tiny",
-    device: str = "cpu",
-    dtype: str | None = None,
-    attention: str = "auto",
-    write_video: bool = True,
+def render_jobs(
+    manifest: str, jobs: list[dict[str, Any]], out_dir: str, engine: dict[str, Any], write_video: bool
 ) -> list[dict[str, Any]]:
-    """Render every job of `manifest` into `out_dir/<job_id>/`; fail naming the jobs that failed."""
-    jobs = load_manifest(manifest)
-    engine = EngineSettings(
-        model=model,
-        device=device,
-        dtype=dtype,
-        attention=attention,
-        prompt_cache=str(Path(out_dir) / ".prompt-cache"),
-    ).resolved()
+    """Submit one task per job to the running flow's task runner; publish the results as artifacts."""
     progress = create_progress_artifact(progress=0.0, description=f"{len(jobs)} jobs from {manifest}")
-    embed_prompts_task([job.prompt for job in jobs], engine.to_dict())
-    futures = [
-        render_job_task.submit(job_to_dict(job), out_dir, engine.to_dict(), write_video) for job in jobs
-    ]
+    # A task like the renders, so that on Ray the text encoder runs on a worker, not on the flow's machine.
+    embed_prompts_task.submit([job["prompt"] for job in jobs], engine).result()
+    futures = [render_job_task.submit(job, out_dir, engine, write_video) for job in jobs]
     results: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for finished, (job, future) in enumerate(zip(jobs, futures, strict=True), start=1):
@@ -112,7 +119,7 @@ def render_manifest(
         if future.state.is_completed():
             results.append(future.result())
         else:
-            failed[job.job_id] = future.state.message or future.state.name
+            failed[job["job_id"]] = future.state.message or future.state.name
         update_progress_artifact(progress, progress=100.0 * finished / len(jobs))
     create_table_artifact(
         table=results
@@ -126,6 +133,94 @@ def render_manifest(
     return results
 
 
+# The same batch as a subflow, for a task runner chosen at run time (the Ray one).
+render_batch = flow(render_jobs, name="render-batch", log_prints=True)
+
+
+def ray_task_runner(
+    engine: EngineSettings, ray_address: str | None, gpus_per_job: float | None, jobs: int
+) -> TaskRunner:
+    """The task runner of `runner="ray"`, after checking what it needs before any cluster starts."""
+    try:
+        import prefect_ray  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError(
+            f"runner='ray' needs Ray and prefect-ray: pip install 'worldgen[ray]' ({error})"
+        ) from error
+    from flows.ray_runner import RayActorTaskRunner, prefect_api_problem
+
+    device = torch.device(engine.device)
+    gpus = gpus_per_job if gpus_per_job is not None else float(device.type == "cuda")
+    if device.type == "cuda" and gpus <= 0:
+        raise ValueError(f"device {engine.device} on Ray needs gpus_per_job > 0, got {gpus_per_job}")
+    # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave the worker: "cuda" is the first of them.
+    if device.type == "cuda" and (device.index or 0) >= math.ceil(gpus):
+        raise ValueError(
+            f"device {engine.device}: a Ray worker sees only the {math.ceil(gpus)} GPU(s) Ray gave it "
+            "(use cuda)"
+        )
+    api_url = PREFECT_API_URL.value()
+    if problem := prefect_api_problem(api_url):
+        raise RuntimeError(
+            f"runner='ray' needs a Prefect server that every Ray worker reaches, but {problem}: start one "
+            "(prefect server start --host 0.0.0.0) and set PREFECT_API_URL=http://HOST:4200/api; without it "
+            "each worker would start a temporary server of its own"
+        )
+    return RayActorTaskRunner(
+        ray_address,
+        max_workers=jobs,
+        num_gpus=gpus,
+        env_vars={"PREFECT_API_URL": api_url},
+        # Every worker loads its model while the others load theirs, before the first job is handed out.
+        initializer=functools.partial(shared_generator, engine),
+    )
+
+
+# One worker thread: jobs on one device run one after another, sharing the loaded model. The Ray runner
+# renders in a subflow whose task runner has one long-lived worker per GPU.
+@flow(name="render-manifest", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def render_manifest(
+    manifest: str,
+    out_dir: str,
+    model: str = "tiny",
+    device: str = "cpu",
+    dtype: str | None = None,
+    attention: str = "auto",
+    write_video: bool = True,
+    runner: str = "local",
+    ray_address: str | None = None,
+    gpus_per_job: float | None = None,
+) -> list[dict[str, Any]]:
+    """Render every job of `manifest` into `out_dir/<job_id>/`; fail naming the jobs that failed.
+
+    runner="ray" renders on the Ray cluster at `ray_address` ("auto", "ray://HOST:10001", "HOST:PORT", or
+    None to start a local one), one job at a time per worker of `gpus_per_job` GPUs (default: 1 on CUDA,
+    0 on CPU); PREFECT_API_URL must name a Prefect server that every Ray node reaches.
+    """
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    jobs = load_manifest(manifest)
+    engine = EngineSettings(
+        model=model,
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        prompt_cache=str(Path(out_dir) / ".prompt-cache"),
+    ).resolved()
+    batch = {
+        "manifest": manifest,
+        "jobs": [job_to_dict(job) for job in jobs],
+        "out_dir": out_dir,
+        "engine": engine.to_dict(),
+        "write_video": write_video,
+    }
+    if runner == "local":
+        return render_jobs(**batch)
+    task_runner = ray_task_runner(engine, ray_address, gpus_per_job, jobs=len(jobs))
+    return render_batch.with_options(task_runner=task_runner)(**batch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.render", description=render_manifest.__doc__)
     parser.add_argument("manifest", help="JSONL or YAML manifest of jobs")
@@ -135,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: per device)")
     parser.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math")
     parser.add_argument("--no-write-video", dest="write_video", action="store_false")
+    parser.add_argument("--runner", choices=RUNNERS, default="local", help="where tasks run (default: local)")
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="auto, ray://HOST:10001 or HOST:PORT (default: start a local cluster)",
+    )
+    parser.add_argument(
+        "--gpus-per-job", type=float, default=None, help="GPUs per Ray worker (default: 1 on CUDA, 0 on CPU)"
+    )
     args = parser.parse_args(argv)
     state = render_manifest(
         args.manifest,
@@ -144,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         attention=args.attention,
         write_video=args.write_video,
+        runner=args.runner,
+        ray_address=args.ray_address,
+        gpus_per_job=args.gpus_per_job,
         return_state=True,
     )
     if not state.is_completed():

@@ -324,3 +324,16 @@ def test_bench_imports_without_the_orchestration_packages() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_bench_with_overlap_times_every_chunk_and_refuses_the_sync_check(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--overlap needs --no-sync-check"):
+        BenchSettings(out=tmp_path, overlap=True, sync_check=True, **TINY_SETTINGS).resolved()
+    out = tmp_path / "bench"
+    with pytest.raises(ValueError, match="one more is needed for --profile"):
+        BenchSettings(out=tmp_path, overlap=True, chunks=3, profile=True, **TINY_SETTINGS).resolved()
+    assert main(["bench", *TINY_ARGS, "--chunks", "2", "--overlap", "--profile", "--out", str(out)]) == 0
+    fast = json.loads((out / "bench.json").read_text())["paths"]["fast"]
+    assert fast["engine"]["overlap"] and fast["chunks"] == 2
+    assert [row["chunk_index"] for row in fast["per_chunk"]] == [0, 1]
+    assert fast["profile"]["chunk_index"] == 3  # chunk 2 was generated ahead by the pipeline

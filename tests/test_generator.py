@@ -214,3 +214,17 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
     table = read_timings(tmp_path / "tiny" / TIMINGS)
     assert result["status"] == "rendered" and set(table.column("fp8").to_pylist()) == {True}
     assert json.loads((tmp_path / "tiny" / MARKER).read_text())["settings"]["fp8"] is True
+
+
+def test_overlapped_decode_gives_the_same_chunks(generator, tmp_path):
+    """Decoding chunk i while the DiT makes chunk i+1 changes when work happens, not what comes out."""
+    job = tiny_job(frame_num=21, chunk_size=2)  # 6 latent frames -> 3 chunks
+    overlapped = ChunkedGenerator(EngineSettings(model="tiny", overlap=True))
+    plain_chunks = list(generator.create_runtime(job).chunks())
+    overlap_chunks = list(overlapped.create_runtime(job).chunks())
+    assert [c.index for c in overlap_chunks] == [0, 1, 2]
+    for a, b in zip(plain_chunks, overlap_chunks, strict=True):
+        assert np.array_equal(a.frames, b.frames) and a.kv_frames == b.kv_frames
+        assert set(b.seconds) == {"denoise", "update_cache", "decode", "generate_next_chunk"}
+    result = render_job(overlapped, job, tmp_path, progress=False)
+    assert result["video_frames"] == 21 and read_timings(tmp_path / "tiny" / TIMINGS).num_rows == 3

@@ -89,6 +89,7 @@ class BenchSettings:
     compare_plain: bool = False
     compile: bool = False  # the fast path's blocks compiled (the plain path never is)
     fp8: bool = False  # the fast path's token-wise matmuls in fp8 (the plain path stays bf16)
+    overlap: bool = False  # the fast path decodes chunk i on a side stream during chunk i+1's DiT
     profile: bool = False
     sync_check: bool | None = None  # None: on for CUDA (the check needs CUDA's sync debug mode)
 
@@ -104,12 +105,16 @@ class BenchSettings:
             raise ValueError(f"bench: chunks must be >= 1, got {self.chunks}")
         self.timed_chunks()  # raises on a bad chunk count before any model is built
         sync_check = device.type == "cuda" if self.sync_check is None else self.sync_check
+        if self.overlap and sync_check:
+            # Sync debug mode is process-wide: the decode thread's host copy would trip it mid-pass.
+            raise ValueError("bench: --overlap needs --no-sync-check (check the DiT without overlap)")
         return replace(self, out=Path(self.out), sync_check=sync_check)
 
     def timed_chunks(self) -> int:
         """Chunks timed per path: `chunks`, or all of the video (all but the last one with `profile`)."""
         video_chunks = latent_frame_count(self.frame_num, self.chunk_size) // self.chunk_size
-        available = video_chunks - 1 if self.profile else video_chunks  # --profile runs one more chunk
+        # --profile runs one more chunk, after the one an overlapped pipeline has already generated ahead.
+        available = video_chunks - (1 + self.overlap if self.profile else 0)
         if self.chunks is not None and self.chunks > available:
             raise ValueError(
                 f"bench: --chunks {self.chunks}, but the video has {video_chunks} chunks"
@@ -129,6 +134,7 @@ class BenchSettings:
             plain=plain,
             compile=self.compile and not plain,
             fp8=self.fp8 and not plain,
+            overlap=self.overlap and not plain,
             weights_seed=self.weights_seed,
         ).resolved()
 
@@ -456,11 +462,13 @@ def run_path(
     # The check runs on the last timed chunk: if it fails, only that chunk's row is lost.
     checked_chunk = timed - 1 if settings.sync_check else None
     sync: dict[str, Any] = {"enabled": bool(settings.sync_check), "chunk_index": checked_chunk, "held": None}
+    # With overlap, chunk i's decode runs during chunk i+1's DiT: the chunks come from the pipelined iterator.
+    pipelined = runtime.chunks() if generator.settings.overlap else None
     for index in range(timed):
         checked = index == checked_chunk
         try:
             with dit_sync_check(generator.dit, len(runtime.schedule)) if checked else nullcontext():
-                chunk = runtime.generate_next_chunk()
+                chunk = next(pipelined) if pipelined else runtime.generate_next_chunk()
         except RuntimeError as error:
             if not checked or _SYNC_ERROR not in str(error):
                 raise
@@ -471,6 +479,8 @@ def run_path(
             sync["held"] = True
         log.append(chunk.timing_row(run, 0.0, settings.warmup_chunks))  # video writing is off
         print(f"{name} chunk {chunk.index}: {chunk.seconds['generate_next_chunk']:.3f} s", flush=True)
+    if pipelined:
+        pipelined.close()  # waits for the decode in flight
     profile = (
         _profile_chunk(runtime, out_dir, name) if settings.profile and sync["held"] is not False else None
     )

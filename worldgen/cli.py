@@ -28,6 +28,7 @@ def _render(args: argparse.Namespace) -> int:
         attention=args.attention,
         compile=args.compile,
         fp8=args.fp8,
+        overlap=args.overlap,
         prompt_cache=str(out / ".prompt-cache"),
     )
     generator = ChunkedGenerator(settings)
@@ -59,6 +60,7 @@ def _bench(args: argparse.Namespace) -> int:
         compare_plain=args.compare == "plain",
         compile=args.compile,
         fp8=args.fp8,
+        overlap=args.overlap,
         profile=args.profile,
         sync_check=args.sync_check,
     )
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math|default")
     render.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
     render.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
+    render.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
     render.add_argument("--no-write-video", dest="write_video", action="store_false")
     render.add_argument("--force", action="store_true", help="re-render jobs whose outputs are up to date")
     render.set_defaults(handler=_render)
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=["plain"], default=None, help="also run the plain path")
     bench.add_argument("--compile", action="store_true", help="torch.compile the fast path's DiT blocks")
     bench.add_argument("--fp8", action="store_true", help="fp8 (e4m3, row-scaled) matmuls on the fast path")
+    bench.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
     bench.add_argument("--profile", action="store_true", help="profile one more chunk per path")
     bench.add_argument(
         "--sync-check",

@@ -14,7 +14,9 @@ cache, then the streaming VAE decodes the chunk (9 video frames for chunk 0 of 3
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
@@ -87,6 +89,7 @@ class EngineSettings:
     plain: bool = False
     compile: bool = False  # torch.compile every DiT block (worldgen/compile.py)
     fp8: bool = False  # e4m3 row-scaled matmuls for the DiT's token-wise layers (worldgen/quant.py)
+    overlap: bool = False  # decode chunk i on a side stream while the DiT generates chunk i+1
     weights_seed: int = 0  # seed of the random weights of a preset
     prompt_cache: str | None = None  # folder of the prompt-embedding cache; None: keep none on disk
 
@@ -140,6 +143,30 @@ class Chunk:
             write_seconds=write_seconds,
             total_seconds=seconds["generate_next_chunk"] + write_seconds,
             peak_memory_bytes=self.peak_memory_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class _Latent:
+    """A chunk between its DiT passes and its decode."""
+
+    index: int
+    first_latent_frame: int
+    latent_frames: int
+    kv_frames: int
+    latent: torch.Tensor
+    seconds: dict[str, float]  # denoise, update_cache
+    device: torch.device
+
+    def chunk(self, frames: np.ndarray, decode_seconds: float, chunk_seconds: float) -> Chunk:
+        return Chunk(
+            index=self.index,
+            first_latent_frame=self.first_latent_frame,
+            latent_frames=self.latent_frames,
+            kv_frames=self.kv_frames,
+            frames=frames,
+            seconds={**self.seconds, "decode": decode_seconds, "generate_next_chunk": chunk_seconds},
+            peak_memory_bytes=peak_memory_bytes(self.device),
         )
 
 
@@ -314,7 +341,8 @@ class Runtime:
         self.renoise_noise = torch.Generator(device).manual_seed(job.seed + 1)
         self.latent_shape = (1, vae.config.z_dim, job.chunk_size, *self.y.shape[3:])
         self.compute_dtype = compute
-        self.next_chunk = 0
+        self.next_chunk = 0  # the next chunk the DiT generates
+        self.decoded_chunks = 0  # may trail next_chunk by one when decoding overlaps the DiT
         # The control tensor of a chunk is NumPy work on the host (~0.3 s at 832x480): build chunk i+1's
         # while the device runs chunk i, in pinned memory so its upload does not synchronise.
         self._host_control = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"control-{job.job_id}")
@@ -386,6 +414,57 @@ class Runtime:
 
     @torch.no_grad()
     def generate_next_chunk(self) -> Chunk:
+        """The next chunk, start to finish: its DiT passes, then its decode."""
+        started = time.perf_counter()
+        with named_range("generate_next_chunk"):
+            latent = self._generate_latent()
+            frames, decode_seconds = self._decode(latent.latent)
+        return latent.chunk(frames, decode_seconds, time.perf_counter() - started)
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Every remaining chunk, in order.
+
+        With `EngineSettings.overlap`, chunk i is decoded on a side stream by a worker thread while the DiT
+        generates chunk i+1, and the caller writes chunk i-1 meanwhile; `generate_next_chunk` seconds are
+        then the chunk period (the time spent in here between two chunks), and `decode` the decode's own.
+        """
+        if not self.generator.settings.overlap:
+            while not self.done:
+                yield self.generate_next_chunk()
+            return
+        stream = torch.cuda.Stream(self.generator.device) if self.generator.device.type == "cuda" else None
+        pending: tuple[_Latent, Future[tuple[np.ndarray, float]]] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae-decode") as decoder:
+            period_started = time.perf_counter()
+            while pending or not self.done:
+                launched = None
+                if not self.done:
+                    with torch.no_grad(), named_range("generate_next_chunk"):
+                        latent = self._generate_latent()
+                    ready = None
+                    if stream is not None:  # the side stream waits for the DiT; the latent stays alive for it
+                        ready = torch.cuda.Event()
+                        ready.record()
+                        latent.latent.record_stream(stream)
+                    launched = (latent, decoder.submit(self._decode_on, stream, ready, latent.latent))
+                if pending:
+                    frames, decode_seconds = pending[1].result()
+                    yield pending[0].chunk(frames, decode_seconds, time.perf_counter() - period_started)
+                    period_started = time.perf_counter()
+                pending = launched
+
+    def _decode_on(
+        self, stream: torch.cuda.Stream | None, ready: torch.cuda.Event | None, latent: torch.Tensor
+    ) -> tuple[np.ndarray, float]:
+        if stream is None:
+            return self._decode(latent)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            return self._decode(latent)
+
+    @torch.no_grad()
+    def _generate_latent(self) -> _Latent:
+        """The DiT part of the next chunk: 4 denoising passes, then the cache-update pass."""
         if self.done:
             raise RuntimeError(f"job {self.job.job_id}: all {self.num_chunks} chunks are already generated")
         index, chunk = self.next_chunk, self.job.chunk_size
@@ -393,33 +472,32 @@ class Runtime:
         generator, dit, device = self.generator, self.generator.dit, self.generator.device
         timer = StageTimer(device)
         reset_peak_memory(device)
-        with named_range("generate_next_chunk"), timer.stage("generate_next_chunk"):
-            y = self.y[:, :, first:stop]
-            control = self._next_control.result().to(device, non_blocking=True)
-            if index + 1 < self.num_chunks:
-                self._next_control = self._host_control.submit(self._control_on_host, index + 1)
-            with named_range("denoise_chunk"), timer.stage("denoise"):
-                # Camera modulation once per chunk, reused by all 5 passes (the plain path recomputes it).
-                if not generator.settings.plain:
-                    control = dit.prepare_control(control)
-                latent = self._denoise(y, control, first)
-            with named_range("kv_cache_update_forward"), timer.stage("update_cache"):
-                dit(latent, 0, y, self.text, control, cache=self.cache, first_latent_frame=first)
-            with named_range("vae_decode"), timer.stage("decode"):
-                frames = to_uint8_frames(self.decoder.decode(latent))
+        y = self.y[:, :, first:stop]
+        control = self._next_control.result().to(device, non_blocking=True)
+        if index + 1 < self.num_chunks:
+            self._next_control = self._host_control.submit(self._control_on_host, index + 1)
+        with named_range("denoise_chunk"), timer.stage("denoise"):
+            # Camera modulation once per chunk, reused by all 5 passes (the plain path recomputes it).
+            if not generator.settings.plain:
+                control = dit.prepare_control(control)
+            latent = self._denoise(y, control, first)
+        with named_range("kv_cache_update_forward"), timer.stage("update_cache"):
+            dit(latent, 0, y, self.text, control, cache=self.cache, first_latent_frame=first)
         self.next_chunk += 1
         if self.done:
-            self.decoder.finish()
             self._host_control.shutdown()
-        return Chunk(
-            index=index,
-            first_latent_frame=first,
-            latent_frames=chunk,
-            kv_frames=self.cache.visible_frames,
-            frames=frames,
-            seconds=dict(timer.seconds),
-            peak_memory_bytes=peak_memory_bytes(device),
-        )
+        return _Latent(index, first, chunk, self.cache.visible_frames, latent, timer.seconds, device)
+
+    @torch.no_grad()
+    def _decode(self, latent: torch.Tensor) -> tuple[np.ndarray, float]:
+        """A chunk's frames on the host, and the seconds its decode took; closes the stream after the last."""
+        timer = StageTimer(self.generator.device)
+        with named_range("vae_decode"), timer.stage("decode"):
+            frames = to_uint8_frames(self.decoder.decode(latent))
+        self.decoded_chunks += 1
+        if self.decoded_chunks == self.num_chunks:
+            self.decoder.finish()
+        return frames, timer.seconds["decode"]
 
     def _denoise(self, y: torch.Tensor, control: Any, first: int) -> torch.Tensor:
         """The denoising passes of one chunk; returns its clean latent x0."""
@@ -479,6 +557,7 @@ class Runtime:
             "plain": engine.plain,
             "compile": engine.compile,
             "fp8": engine.fp8,
+            "overlap": engine.overlap,
             "device": engine.device,
             "seed": job.seed,
         }

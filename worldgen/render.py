@@ -98,8 +98,7 @@ def render_job(
         try:
             if writer:
                 writer.open()
-            while not runtime.done:
-                chunk = runtime.generate_next_chunk()
+            for chunk in runtime.chunks():
                 write_started = time.perf_counter()
                 if writer:
                     writer.write(chunk.frames)
