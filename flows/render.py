@@ -187,6 +187,8 @@ def render_manifest(
     device: str = "cpu",
     dtype: str | None = None,
     attention: str = "auto",
+    compile: bool = False,
+    fp8: bool = False,
     write_video: bool = True,
     runner: str = "local",
     ray_address: str | None = None,
@@ -206,6 +208,8 @@ def render_manifest(
         device=device,
         dtype=dtype,
         attention=attention,
+        compile=compile,
+        fp8=fp8,
         prompt_cache=str(Path(out_dir) / ".prompt-cache"),
     ).resolved()
     batch = {
@@ -228,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help="preset name or checkpoint folder (default: tiny)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: per device)")
-    parser.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math")
+    parser.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math|default")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
+    parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
     parser.add_argument("--no-write-video", dest="write_video", action="store_false")
     parser.add_argument("--runner", choices=RUNNERS, default="local", help="where tasks run (default: local)")
     parser.add_argument(
@@ -247,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         dtype=args.dtype,
         attention=args.attention,
+        compile=args.compile,
+        fp8=args.fp8,
         write_video=args.write_video,
         runner=args.runner,
         ray_address=args.ray_address,
