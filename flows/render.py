@@ -33,6 +33,7 @@ from prefect.artifacts import (
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from worldgen.cli import add_engine_arguments
 from worldgen.config import job_from_dict, job_to_dict
 from worldgen.generator import EngineSettings, JobInputError, generator_loads, shared_generator
 from worldgen.manifest import load_manifest
@@ -189,6 +190,7 @@ def render_manifest(
     attention: str = "auto",
     compile: bool = False,
     fp8: bool = False,
+    overlap: bool = False,
     write_video: bool = True,
     runner: str = "local",
     ray_address: str | None = None,
@@ -210,6 +212,7 @@ def render_manifest(
         attention=attention,
         compile=compile,
         fp8=fp8,
+        overlap=overlap,
         prompt_cache=str(Path(out_dir) / ".prompt-cache"),
     ).resolved()
     batch = {
@@ -229,13 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.render", description=render_manifest.__doc__)
     parser.add_argument("manifest", help="JSONL or YAML manifest of jobs")
     parser.add_argument("--out", required=True, help="output folder; one subfolder per job")
-    parser.add_argument("--model", default="tiny", help="preset name or checkpoint folder (default: tiny)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: per device)")
-    parser.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math|default")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
-    parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
-    parser.add_argument("--no-write-video", dest="write_video", action="store_false")
+    add_engine_arguments(parser)
     parser.add_argument("--runner", choices=RUNNERS, default="local", help="where tasks run (default: local)")
     parser.add_argument(
         "--ray-address",
@@ -255,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         attention=args.attention,
         compile=args.compile,
         fp8=args.fp8,
+        overlap=args.overlap,
         write_video=args.write_video,
         runner=args.runner,
         ray_address=args.ray_address,

@@ -87,6 +87,18 @@ def _checkpoint_write(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a render, shared by `worldgen render` and `python -m flows.render`."""
+    parser.add_argument("--model", default="tiny", help="preset name (random weights) or model folder")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else f32)")
+    parser.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math|default")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
+    parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
+    parser.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
+    parser.add_argument("--no-write-video", dest="write_video", action="store_false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldgen", description="Render videos with a chunked, causal LingBot-World-Fast world model."
@@ -99,14 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--job", help="a one-job .json file (same fields as a manifest row)")
     source.add_argument("--manifest", help="a .jsonl or .yaml manifest")
     render.add_argument("--out", required=True, help="output folder; one subfolder per job")
-    render.add_argument("--model", default="tiny", help="preset name (random weights) or model folder")
-    render.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    render.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else f32)")
-    render.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math|default")
-    render.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
-    render.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
-    render.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
-    render.add_argument("--no-write-video", dest="write_video", action="store_false")
+    add_engine_arguments(render)
     render.add_argument("--force", action="store_true", help="re-render jobs whose outputs are up to date")
     render.set_defaults(handler=_render)
 
