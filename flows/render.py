@@ -37,7 +37,7 @@ from worldgen.cli import add_engine_arguments
 from worldgen.config import job_from_dict, job_to_dict
 from worldgen.generator import EngineSettings, JobInputError, generator_loads, shared_generator
 from worldgen.manifest import load_manifest
-from worldgen.render import render_job
+from worldgen.render import finished_result, render_job
 
 RUNNERS = ("local", "ray")
 
@@ -63,8 +63,11 @@ def render_job_task(
     job: dict[str, Any], out_dir: str, engine: dict[str, Any], write_video: bool = True
 ) -> dict[str, Any]:
     started_at = datetime.now(UTC).isoformat()
-    generator = shared_generator(EngineSettings(**engine))
-    result = render_job(generator, job_from_dict(job), Path(out_dir), write_video=write_video, progress=False)
+    settings, job_to_render = EngineSettings(**engine), job_from_dict(job)
+    # A finished job is skipped before any model is loaded.
+    result = finished_result(job_to_render, Path(out_dir), settings) or render_job(
+        shared_generator(settings), job_to_render, Path(out_dir), write_video=write_video, progress=False
+    )
     get_run_logger().info("%s: %s", result["job_id"], result["status"])
     return {**result, **_worker_record(started_at)}
 
@@ -111,7 +114,10 @@ def render_jobs(
     """Submit one task per job to the running flow's task runner; publish the results as artifacts."""
     progress = create_progress_artifact(progress=0.0, description=f"{len(jobs)} jobs from {manifest}")
     # A task like the renders, so that on Ray the text encoder runs on a worker, not on the flow's machine.
-    embed_prompts_task.submit([job["prompt"] for job in jobs], engine).result()
+    settings = EngineSettings(**engine)
+    left = [job["prompt"] for job in jobs if not finished_result(job_from_dict(job), Path(out_dir), settings)]
+    if left:  # a batch with nothing left to render loads no model at all
+        embed_prompts_task.submit(left, engine).result()
     futures = [render_job_task.submit(job, out_dir, engine, write_video) for job in jobs]
     results: list[dict[str, Any]] = []
     failed: dict[str, str] = {}

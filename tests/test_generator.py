@@ -16,7 +16,7 @@ from worldgen.cli import main as cli_main
 from worldgen.config import Job
 from worldgen.control import video_frame_count
 from worldgen.generator import ChunkedGenerator, EngineSettings, JobInputError, Runtime
-from worldgen.render import MARKER, TIMINGS, VIDEO, render_job
+from worldgen.render import MARKER, TIMINGS, VIDEO, finished_result, render_job
 from worldgen.timing import TIMING_SCHEMA, read_timings, summarize
 
 ASSETS = Path(__file__).resolve().parents[1] / "manifests" / "assets"
@@ -228,3 +228,13 @@ def test_overlapped_decode_gives_the_same_chunks(generator, tmp_path):
         assert set(b.seconds) == {"denoise", "update_cache", "decode", "generate_next_chunk"}
     result = render_job(overlapped, job, tmp_path, progress=False)
     assert result["video_frames"] == 21 and read_timings(tmp_path / "tiny" / TIMINGS).num_rows == 3
+
+
+def test_a_finished_job_is_known_without_a_model(generator, tmp_path):
+    job, engine = tiny_job(), generator.settings
+    assert finished_result(job, tmp_path, engine) is None
+    render_job(generator, job, tmp_path, progress=False)
+    assert finished_result(job, tmp_path, engine)["status"] == "skipped"
+    assert finished_result(job, tmp_path, dataclasses.replace(engine, weights_seed=1)) is None  # other model
+    (tmp_path / "tiny" / VIDEO).unlink()
+    assert finished_result(job, tmp_path, engine) is None  # a marker whose outputs are gone does not count

@@ -5,6 +5,7 @@
     while not runtime.done:
         chunk = runtime.generate_next_chunk()        # denoise (4 passes) -> cache update -> VAE decode
         chunk.frames                                 # uint8 [T, H, W, 3] on the host
+    # or: for chunk in runtime.chunks(): ...        # the same, pipelined when EngineSettings.overlap
 
 Per chunk i over latent frames [f0, f0 + chunk_size): fresh Gaussian noise, 4 DiT passes with re-noising
 between them, one more pass on the clean latent at timestep 0 that only writes clean K/V into the rolling

@@ -56,6 +56,15 @@ def finished_marker(job_dir: Path, settings_hash: str) -> dict[str, Any] | None:
     return marker
 
 
+def finished_result(job: Job, out_dir: Path, engine: EngineSettings) -> dict[str, Any] | None:
+    """The result of `job` if it is already rendered under `out_dir` with these settings, else None.
+
+    Needs no model: a batch can tell what is left to do before loading anything.
+    """
+    marker = finished_marker(Path(out_dir) / job.job_id, render_settings_hash(job, engine))
+    return {"job_id": job.job_id, "status": "skipped", **marker["result"]} if marker else None
+
+
 def render_job(
     generator: ChunkedGenerator,
     job: Job,
@@ -69,8 +78,8 @@ def render_job(
     """Render `job` into `out_dir/<job_id>/` unless its marker says it is done; a small result dict."""
     job_dir = Path(out_dir) / job.job_id
     settings_hash = render_settings_hash(job, generator.settings)
-    if not force and (marker := finished_marker(job_dir, settings_hash)):
-        return {"job_id": job.job_id, "status": "skipped", **marker["result"]}
+    if not force and (skipped := finished_result(job, out_dir, generator.settings)):
+        return skipped
     job_dir.mkdir(parents=True, exist_ok=True)
     # The old marker no longer describes what the folder will hold: remove it before touching anything.
     (job_dir / MARKER).unlink(missing_ok=True)
