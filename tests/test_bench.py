@@ -48,8 +48,8 @@ TINY_SETTINGS = dict(
 )
 
 SUMMARY_KEYS = {
-    "run_id", "settings", "environment", "build", "compile_seconds", "text_tflop_per_video", "kernels",
-    "paths", "plain_over_fast",
+    "run_id", "settings", "environment", "build", "compile_seconds", "fp8_latent_error",
+    "text_tflop_per_video", "kernels", "paths", "plain_over_fast",
 }  # fmt: skip
 PATH_KEYS = {
     "engine", "timings", "create_runtime_seconds", "chunks", "warmup_skipped", "steady_chunks",
@@ -337,3 +337,13 @@ def test_bench_with_overlap_times_every_chunk_and_refuses_the_sync_check(tmp_pat
     assert fast["engine"]["overlap"] and fast["chunks"] == 2
     assert [row["chunk_index"] for row in fast["per_chunk"]] == [0, 1]
     assert fast["profile"]["chunk_index"] == 3  # chunk 2 was generated ahead by the pipeline
+
+
+def test_bench_reports_the_fp8_latent_error_against_bf16(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    args = [*TINY_ARGS, "--dtype", "bfloat16", "--chunks", "2", "--fp8", "--out", str(out)]
+    assert main(["bench", *args]) == 0
+    summary = json.loads((out / "bench.json").read_text())
+    errors = summary["fp8_latent_error"]
+    assert len(errors) == 3 and all(0 < error < 0.5 for error in errors)
+    assert summary["paths"]["fast"]["engine"]["fp8"]

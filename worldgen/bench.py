@@ -59,6 +59,7 @@ from worldgen.profiling import (
     reset_peak_memory,
     summarize_trace,
 )
+from worldgen.quant import fp8_error
 from worldgen.timing import TimingLog, atomic_output
 
 SUMMARY_FILE = "bench.json"
@@ -600,6 +601,15 @@ def _models_info(dit: nn.Module, vae: nn.Module) -> dict[str, int]:
     }
 
 
+ERROR_CHUNKS = 3  # chunks compared for the fp8 error: the error of later chunks builds on earlier ones
+
+
+def first_latents(generator: ChunkedGenerator, job: Job, chunks: int = ERROR_CHUNKS) -> list[Tensor]:
+    """The clean latents of the first `chunks` chunks of `job`, on the host."""
+    runtime = generator.create_runtime(replace(job, job_id=f"{job.job_id}-error"))
+    return [runtime.generate_next_chunk().latent.cpu() for _ in range(min(chunks, runtime.num_chunks))]
+
+
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """Build the models once, run the fast path (and the plain one), measure the kernels, write the results.
 
@@ -627,8 +637,15 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     runs = {}
     with tempfile.TemporaryDirectory(prefix="worldgen-bench-") as inputs:
         job = write_inputs(Path(inputs), settings, preset.dit.control_type)
+        prompts = Path(inputs) / "prompts"
+        if settings.fp8:  # the bf16 reference runs before fp8 replaces the shared DiT's layers
+            bf16 = replace(engines["fast"], compile=False, fp8=False, overlap=False)
+            reference = first_latents(bench_generator(bf16, (dit, vae), text, job, prompts), job)
         for name, engine in engines.items():
-            generator = bench_generator(engine, (dit, vae), text, job, Path(inputs) / "prompts")
+            generator = bench_generator(engine, (dit, vae), text, job, prompts)
+            if name == "fast" and settings.fp8:
+                quantised = first_latents(generator, job)
+                fp8_latent_error = [fp8_error(r, q) for r, q in zip(reference, quantised, strict=True)]
             runs[name] = run_path(name, generator, job, settings, run_id)
             compile_seconds = sum(generator.compile_seconds.values())
 
@@ -644,6 +661,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "environment": _environment(device),
         "build": build,
         "compile_seconds": compile_seconds if settings.compile else None,  # the fast path's, before chunk 0
+        # Relative L2 of the fp8 path's clean latents against bf16 eager, chunk by chunk, same job and seed.
+        "fp8_latent_error": fp8_latent_error if settings.fp8 else None,
         "text_tflop_per_video": text_flops / 1e12,  # the fast path's once-per-video text K/V
         "kernels": clock.to_dict(),
         "paths": paths,

@@ -123,6 +123,7 @@ class Chunk:
     latent_frames: int
     kv_frames: int  # latent frames the chunk attended to (its own included)
     frames: np.ndarray  # uint8 [T, H, W, 3]
+    latent: torch.Tensor  # the chunk's clean latent x0 [1, 16, F, h, w], on the device
     seconds: dict[str, float]  # denoise, update_cache, decode, generate_next_chunk
     peak_memory_bytes: int | None
 
@@ -166,6 +167,7 @@ class _Latent:
             latent_frames=self.latent_frames,
             kv_frames=self.kv_frames,
             frames=frames,
+            latent=self.latent,
             seconds={**self.seconds, "decode": decode_seconds, "generate_next_chunk": chunk_seconds},
             peak_memory_bytes=peak_memory_bytes(self.device),
         )
