@@ -194,10 +194,12 @@ class ChunkedGenerator:
         self.settings = settings = settings.resolved()
         self.device = torch.device(settings.device)
         self.dtype = DTYPES[settings.dtype]
+        # The DiT is built or loaded straight into its run layout (bf16 matmul weights, fp32 modulation):
+        # no float32 copy of 18.5 B parameters. float64 (tests) starts from float32 and is cast below.
+        load_dtype = torch.float32 if self.dtype == torch.float64 else self.dtype
         if settings.model in PRESETS:
             self.preset, self.files = get_preset(settings.model), None
-            # Built on the device in the run layout: a full-size model never passes through host memory.
-            load_dtype = torch.float32 if self.dtype == torch.float64 else self.dtype
+            # Built on the device: a full-size model never passes through host memory.
             self.dit, self.vae = models or (
                 random_dit(self.preset.dit, self.device, load_dtype, settings.weights_seed),
                 random_vae(self.preset.vae, self.device, seed=settings.weights_seed),
@@ -208,8 +210,6 @@ class ChunkedGenerator:
         else:
             self.files = ModelFiles.locate(Path(settings.model))
             self.preset = _detect_preset(self.files.dit)
-            # Loaded straight into the run layout (bf16 matmul weights): no float32 copy of 18.5 B params.
-            load_dtype = torch.float32 if self.dtype == torch.float64 else self.dtype
             self.dit = load_dit(self.files.dit, self.preset.dit, self.device, load_dtype)
             self.vae = load_vae(self.files.vae, self.preset.vae, self.device)
             self.encoder_identity = text_encoder_identity(self.files, self.preset.text)
