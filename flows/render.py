@@ -33,7 +33,7 @@ from prefect.artifacts import (
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from worldgen.cli import add_engine_arguments
+from worldgen.cli import add_engine_arguments, engine_options
 from worldgen.config import job_from_dict, job_to_dict
 from worldgen.generator import EngineSettings, JobInputError, generator_loads, shared_generator
 from worldgen.manifest import load_manifest
@@ -252,13 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     state = render_manifest(
         args.manifest,
         args.out,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
-        compile=args.compile,
-        fp8=args.fp8,
-        overlap=args.overlap,
+        **engine_options(args),
         write_video=args.write_video,
         runner=args.runner,
         ray_address=args.ray_address,

@@ -21,17 +21,9 @@ def _render(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 2
     out = Path(args.out)
-    settings = EngineSettings(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
-        compile=args.compile,
-        fp8=args.fp8,
-        overlap=args.overlap,
-        prompt_cache=str(out / ".prompt-cache"),
+    generator = ChunkedGenerator(
+        EngineSettings(**engine_options(args), prompt_cache=str(out / ".prompt-cache"))
     )
-    generator = ChunkedGenerator(settings)
     for job in jobs:
         result = render_job(generator, job, out, write_video=args.write_video, force=args.force)
         print(f"{job.job_id}: {result['status']} -> {result['job_dir']}")
@@ -97,6 +89,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
     parser.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
     parser.add_argument("--no-write-video", dest="write_video", action="store_false")
+
+
+ENGINE_OPTIONS = ("model", "device", "dtype", "attention", "compile", "fp8", "overlap")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, object]:
+    """The EngineSettings fields that `add_engine_arguments` parsed."""
+    return {name: getattr(args, name) for name in ENGINE_OPTIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
