@@ -43,8 +43,8 @@ def render_settings_hash(job: Job, engine: EngineSettings) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def finished_marker(job_dir: Path, settings_hash: str) -> dict[str, Any] | None:
-    """The job's done-marker if it exists and matches `settings_hash` (and its outputs exist)."""
+def _skipped(job: Job, job_dir: Path, settings_hash: str) -> dict[str, Any] | None:
+    """The skip result of `job` if its done-marker matches `settings_hash` and its outputs exist."""
     try:
         marker = json.loads((job_dir / MARKER).read_text())
     except (OSError, ValueError):
@@ -53,7 +53,7 @@ def finished_marker(job_dir: Path, settings_hash: str) -> dict[str, Any] | None:
         return None
     if not all((job_dir / name).is_file() for name in marker.get("outputs", [])):
         return None
-    return marker
+    return {"job_id": job.job_id, "status": "skipped", **marker["result"]}
 
 
 def finished_result(job: Job, out_dir: Path, engine: EngineSettings) -> dict[str, Any] | None:
@@ -61,8 +61,7 @@ def finished_result(job: Job, out_dir: Path, engine: EngineSettings) -> dict[str
 
     Needs no model: a batch can tell what is left to do before loading anything.
     """
-    marker = finished_marker(Path(out_dir) / job.job_id, render_settings_hash(job, engine))
-    return {"job_id": job.job_id, "status": "skipped", **marker["result"]} if marker else None
+    return _skipped(job, Path(out_dir) / job.job_id, render_settings_hash(job, engine))
 
 
 def render_job(
@@ -78,7 +77,7 @@ def render_job(
     """Render `job` into `out_dir/<job_id>/` unless its marker says it is done; a small result dict."""
     job_dir = Path(out_dir) / job.job_id
     settings_hash = render_settings_hash(job, generator.settings)
-    if not force and (skipped := finished_result(job, out_dir, generator.settings)):
+    if not force and (skipped := _skipped(job, job_dir, settings_hash)):
         return skipped
     job_dir.mkdir(parents=True, exist_ok=True)
     # The old marker no longer describes what the folder will hold: remove it before touching anything.
