@@ -15,16 +15,9 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from worldgen.bench import (
-    CATEGORIES,
-    AttentionCall,
     BenchSettings,
-    KernelClock,
-    Matmul,
     bench_generator,
-    chunk_ops,
     dit_sync_check,
-    flops_by_category,
-    forward_ops,
     random_text,
     run_bench,
     write_inputs,
@@ -32,8 +25,18 @@ from worldgen.bench import (
 from worldgen.cli import main
 from worldgen.config import get_preset
 from worldgen.control import check_actions, check_intrinsics, check_poses
+from worldgen.floor import (
+    CATEGORIES,
+    AttentionCall,
+    KernelClock,
+    Matmul,
+    chunk_ops,
+    flops_by_category,
+    forward_ops,
+)
 from worldgen.models.attention import attention
 from worldgen.models.random_init import random_dit, random_vae
+from worldgen.quant import Fp8Linear, quantize_dit
 from worldgen.timing import read_timings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +166,25 @@ def test_kernel_clock_measures_each_shape_once_and_sums_the_floor() -> None:
     assert [(m["m"], m["k"], m["n"]) for m in table["matmul"]] == [(8, 16, 32)]
     assert table["matmul"][0]["tflops"] == pytest.approx(2 * 8 * 16 * 32 / seconds[0] / 1e12)
     assert [(a["backend"], a["keys"]) for a in table["attention"]] == [("default", 24)]
+
+
+def test_fp8_matmuls_are_the_layers_fp8_quantises() -> None:
+    dit = quantize_dit(random_dit(TINY.dit, "cpu", torch.bfloat16, seed=0))
+    quantised = sorted((m.in_features, m.out_features) for m in dit.modules() if isinstance(m, Fp8Linear))
+    ops = forward_ops(TINY.dit, frames=1, frame_tokens=4, kv_tokens=4)
+    counted = sorted((op.k, op.n) for op in ops if isinstance(op, Matmul) and op.fp8 for _ in range(op.count))
+    assert counted == quantised
+
+
+def test_kernel_clock_times_quantisable_matmuls_as_fp8_layers() -> None:
+    clock = KernelClock(torch.device("cpu"), torch.bfloat16, calls=1)
+    quantisable, kept = Matmul("linear", 8, 16, 32, fp8=True), Matmul("linear", 8, 16, 32)
+    for op in (quantisable, kept):
+        for fp8 in (False, True):
+            assert clock.seconds(op, "auto", fp8) > 0
+    # The bf16 and fp8 timings of the quantisable shape; the kept layer reuses the bf16 one under --fp8.
+    assert [(m["m"], m["fp8"]) for m in clock.to_dict()["matmul"]] == [(8, False), (8, True)]
+    assert clock.seconds(kept, "auto", fp8=True) == clock.seconds(quantisable, "auto")
 
 
 def test_default_attention_backend_equals_math() -> None:

@@ -33,9 +33,9 @@ def _random_vae(channels_last: bool = True, dtype: torch.dtype = torch.float64) 
     return vae
 
 
-def _latents(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def _latents(dtype: torch.dtype = torch.float64, frames: int = LATENT_FRAMES) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(1, TINY.z_dim, LATENT_FRAMES, *LATENT_HW, generator=generator, dtype=dtype)
+    return torch.randn(1, TINY.z_dim, frames, *LATENT_HW, generator=generator, dtype=dtype)
 
 
 def _video(dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -26,12 +26,11 @@ random text embedding stands in), no video writer, no progress bar.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,20 +38,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
 from worldgen.config import DiTConfig, Job, get_preset, job_to_dict
 from worldgen.control import latent_frame_count
+from worldgen.floor import CATEGORIES, KernelClock, chunk_ops, flops_by_category, forward_ops
 from worldgen.generator import DTYPES, ChunkedGenerator, EngineSettings, Runtime
-from worldgen.models.attention import attention
 from worldgen.models.dit import CausalDiT
 from worldgen.models.random_init import random_dit, random_vae
 from worldgen.models.vae import WanVAE
 from worldgen.profiling import (
     ProfilerSettings,
-    StageTimer,
     device_environment,
     peak_memory_bytes,
     profile_ranges,
@@ -76,6 +73,7 @@ class BenchSettings:
     preset: str = "lingbot-world-fast"
     device: str = "cuda"
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    vae_dtype: str | None = None  # the fast path's (EngineSettings' default); the plain path keeps float32
     attention: str = "auto"  # the fast path's backend; the plain path always uses PyTorch's default
     height: int = 480
     width: int = 832
@@ -131,6 +129,7 @@ class BenchSettings:
             model=self.preset,
             device=self.device,
             dtype=self.dtype,
+            vae_dtype=None if plain else self.vae_dtype,
             attention=PLAIN_ATTENTION if plain else self.attention,
             plain=plain,
             compile=self.compile and not plain,
@@ -141,175 +140,6 @@ class BenchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "out": str(self.out)}
-
-
-# ------------------------------------------------------------------------------------------------ FLOPs
-CATEGORIES = ("linear", "self_attention", "cross_attention", "camera", "text")
-_PER_PASS = frozenset(("linear", "self_attention", "cross_attention"))
-
-
-@dataclass(frozen=True)
-class Matmul:
-    """`count` products [m, k] x [k, n]: a Linear over m rows (the strided patch Conv3d is one too)."""
-
-    category: str
-    m: int
-    k: int
-    n: int
-    count: int = 1
-
-    @property
-    def flops(self) -> int:
-        return 2 * self.m * self.k * self.n * self.count
-
-
-@dataclass(frozen=True)
-class AttentionCall:
-    """`count` attention calls: QK^T and PV over `queries` x `keys` in every head."""
-
-    category: str
-    queries: int
-    keys: int
-    heads: int
-    head_dim: int
-    count: int = 1
-
-    @property
-    def flops(self) -> int:
-        return 4 * self.queries * self.keys * self.heads * self.head_dim * self.count
-
-
-Op = Matmul | AttentionCall
-
-
-def forward_ops(config: DiTConfig, *, frames: int, frame_tokens: int, kv_tokens: int) -> list[Op]:
-    """Every matmul and attention call of one plain-path forward (batch 1) over `frames` latent frames
-    whose self-attention sees `kv_tokens` keys, its own included. Elementwise work is not counted.
-
-    Categories: `linear` (patch embedding, time MLP, q/k/v/o, cross-attention q/o, FFN, head),
-    `self_attention`, `cross_attention`, `camera` (control tokens and every block's camera modulation),
-    `text` (text embedding and every block's cross-attention K/V).
-    """
-    dim, layers, heads, head_dim = config.dim, config.num_layers, config.num_heads, config.head_dim
-    tokens, text = frames * frame_tokens, config.text_len
-    patch = math.prod(config.patch_size)
-    return [
-        Matmul("linear", tokens, config.in_dim * patch, dim),
-        Matmul("linear", frames, config.freq_dim, dim),  # the time MLP runs once per frame
-        Matmul("linear", frames, dim, dim),
-        Matmul("linear", frames, dim, 6 * dim),
-        Matmul("linear", tokens, dim, dim, 6 * layers),  # self-attention q k v o, cross-attention q o
-        Matmul("linear", tokens, dim, config.ffn_dim, layers),
-        Matmul("linear", tokens, config.ffn_dim, dim, layers),
-        Matmul("linear", tokens, dim, config.out_dim * patch),
-        AttentionCall("self_attention", tokens, kv_tokens, heads, head_dim, layers),
-        AttentionCall("cross_attention", tokens, text, heads, head_dim, layers),
-        Matmul("camera", tokens, config.control_channels * patch, dim),
-        Matmul("camera", tokens, dim, dim, 2 + 4 * layers),  # control MLP; injector 1, 2, scale, shift
-        Matmul("text", text, config.text_dim, dim),
-        Matmul("text", text, dim, dim, 1 + 2 * layers),  # text MLP's second layer; cross-attention K V
-    ]
-
-
-def chunk_ops(
-    config: DiTConfig, *, frames: int, frame_tokens: int, kv_tokens: int, passes: int, plain: bool
-) -> list[Op]:
-    """What the DiT computes for one chunk of `passes` forwards (4 denoising + 1 cache update).
-
-    The plain path recomputes everything in every pass; the fast path computes the camera modulation once
-    per chunk and the text K/V once per video (left out here: see `forward_ops`' `text` category).
-    """
-    ops: list[Op] = []
-    for op in forward_ops(config, frames=frames, frame_tokens=frame_tokens, kv_tokens=kv_tokens):
-        if plain or op.category in _PER_PASS:
-            ops.append(replace(op, count=op.count * passes))
-        elif op.category == "camera":
-            ops.append(op)
-    return ops
-
-
-def flops_by_category(ops: Iterable[Op]) -> dict[str, int]:
-    totals = dict.fromkeys(CATEGORIES, 0)
-    for op in ops:
-        totals[op.category] += op.flops
-    return totals
-
-
-# ------------------------------------------------------------------------------------ kernel floor
-def seconds_per_call(
-    fn: Callable[[], object], device: torch.device, calls: int = 10, rounds: int = 3
-) -> float:
-    """Seconds of one call of `fn`: the best mean of `rounds` rounds of `calls` back-to-back calls, after
-    two untimed ones (autotuning, caches). The best round, because the floor is what the kernel can do."""
-    fn()
-    fn()
-    best = math.inf
-    for _ in range(rounds):
-        timer = StageTimer(device)
-        with timer.stage("calls"):
-            for _ in range(calls):
-                fn()
-        best = min(best, timer.seconds["calls"] / calls)
-    return best
-
-
-class KernelClock:
-    """Seconds per call of each GEMM and attention shape, each measured once on the device when first asked.
-
-    GEMMs run as the model's Linears do (`F.linear` with a bias, in the compute dtype); attention through
-    the model's `attention()` with the given backend, in the same dtype. `floor_seconds(ops)` sums them:
-    the time of the chunk's matmul and attention kernels alone, back to back.
-    """
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, calls: int = 10) -> None:
-        self.device, self.dtype, self.calls = device, dtype, calls
-        self._matmuls: dict[tuple[int, int, int], float] = {}
-        self._attention: dict[tuple[str, int, int, int, int], float] = {}
-
-    def _random(self, *shape: int) -> Tensor:
-        return torch.randn(shape, device=self.device, dtype=self.dtype)
-
-    def seconds(self, op: Op, backend: str) -> float:
-        """Seconds of one call of `op`'s shape."""
-        if isinstance(op, Matmul):
-            key = (op.m, op.k, op.n)
-            if key not in self._matmuls:
-                x, weight, bias = self._random(op.m, op.k), self._random(op.n, op.k), self._random(op.n)
-                self._matmuls[key] = seconds_per_call(
-                    lambda: F.linear(x, weight, bias), self.device, self.calls
-                )
-            return self._matmuls[key]
-        key = (backend, op.queries, op.keys, op.heads, op.head_dim)
-        if key not in self._attention:
-            query = self._random(1, op.queries, op.heads, op.head_dim)
-            key_, value = (self._random(1, op.keys, op.heads, op.head_dim) for _ in range(2))
-            self._attention[key] = seconds_per_call(
-                lambda: attention(query, key_, value, backend), self.device, self.calls
-            )
-        return self._attention[key]
-
-    def floor_seconds(self, ops: Iterable[Op], backend: str) -> float:
-        return sum(op.count * self.seconds(op, backend) for op in ops)
-
-    def to_dict(self) -> dict[str, list[dict[str, Any]]]:
-        """Every shape measured so far with its seconds per call and TFLOP/s."""
-        matmuls = [
-            {"m": m, "k": k, "n": n, "seconds": s, "tflops": 2 * m * k * n / s / 1e12}
-            for (m, k, n), s in self._matmuls.items()
-        ]
-        attention_calls = [
-            {
-                "backend": backend,
-                "queries": q,
-                "keys": k,
-                "heads": h,
-                "head_dim": d,
-                "seconds": s,
-                "tflops": 4 * q * k * h * d / s / 1e12,
-            }
-            for (backend, q, k, h, d), s in self._attention.items()
-        ]
-        return {"matmul": matmuls, "attention": attention_calls}
 
 
 # --------------------------------------------------------------------------------- synthetic inputs
@@ -534,7 +364,7 @@ def path_figures(run: PathRun, config: DiTConfig, clock: KernelClock, warmup_chu
                 "tflop_by_category": _tflop(flops),
                 # One forward with everything computed in it, as the plain path's passes are.
                 "tflop_per_pass_by_category": _tflop(flops_by_category(forward_ops(config, **shape))),
-                "floor_seconds": clock.floor_seconds(ops, run.engine.attention),
+                "floor_seconds": clock.floor_seconds(ops, run.engine.attention, run.engine.fp8),
             }
         )
     steady = [c for c in chunks if c["chunk_index"] >= warmup_chunks]

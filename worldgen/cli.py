@@ -38,6 +38,7 @@ def _bench(args: argparse.Namespace) -> int:
         preset=args.preset,
         device=args.device,
         dtype=args.dtype,
+        vae_dtype=args.vae_dtype,
         attention=args.attention,
         height=args.height,
         width=args.width,
@@ -79,11 +80,15 @@ def _checkpoint_write(args: argparse.Namespace) -> int:
     return 0
 
 
+VAE_DTYPE_HELP = "float32|bfloat16 (default: bf16 on CUDA for the fast path, float32 otherwise)"
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a render, shared by `worldgen render` and `python -m flows.render`."""
     parser.add_argument("--model", default="tiny", help="preset name (random weights) or model folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else f32)")
+    parser.add_argument("--vae-dtype", default=None, help=VAE_DTYPE_HELP)
     parser.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math|default")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
     parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
@@ -91,7 +96,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-write-video", dest="write_video", action="store_false")
 
 
-ENGINE_OPTIONS = ("model", "device", "dtype", "attention", "compile", "fp8", "overlap")
+ENGINE_OPTIONS = ("model", "device", "dtype", "vae_dtype", "attention", "compile", "fp8", "overlap")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
@@ -122,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", default="lingbot-world-fast", choices=sorted(PRESETS))
     bench.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
     bench.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on CUDA, else f32)")
+    bench.add_argument("--vae-dtype", default=None, help=f"fast path: {VAE_DTYPE_HELP}")
     bench.add_argument(
         "--attention", default="auto", help="fast path: auto|cudnn|flash|efficient|math|default"
     )

@@ -85,6 +85,8 @@ class EngineSettings:
     model: str = "tiny"  # a preset name (seeded random weights) or a model folder (see checkpoints.py)
     device: str = "cpu"
     dtype: str | None = None  # DiT compute dtype; None: bfloat16 on CUDA, float32 on CPU
+    # VAE dtype; None: float64 with a float64 DiT, float32 on the plain path and on CPU, else bfloat16.
+    vae_dtype: str | None = None
     attention: str = "auto"  # auto | cudnn | flash | efficient | math | default (PyTorch picks)
     # The benchmark's yardstick: text K/V and camera modulation recomputed every pass, NCDHW Conv3d inputs.
     plain: bool = False
@@ -100,6 +102,9 @@ class EngineSettings:
         dtype = self.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        vae_dtype = self.vae_dtype or _default_vae_dtype(dtype, device, self.plain)
+        if vae_dtype not in DTYPES:
+            raise ValueError(f"vae_dtype must be one of {', '.join(DTYPES)}, got {vae_dtype!r}")
         if self.model not in PRESETS and not Path(self.model).is_dir():
             raise ValueError(
                 f"model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder"
@@ -108,10 +113,19 @@ class EngineSettings:
             raise ValueError(f"fp8 layers run in a bfloat16 model, not {dtype}")
         if self.plain and (self.compile or self.fp8):
             raise ValueError("the plain path is the uncompiled bf16 yardstick: no compile, no fp8")
-        return replace(self, device=str(device), dtype=dtype)
+        if self.plain and vae_dtype == "bfloat16":
+            raise ValueError("the plain path is the yardstick: its VAE runs in float32, not bfloat16")
+        return replace(self, device=str(device), dtype=dtype, vae_dtype=vae_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _default_vae_dtype(dtype: str, device: torch.device, plain: bool) -> str:
+    if dtype == "float64":
+        return "float64"  # tests: everything in float64
+    # The plain path keeps the released float32 VAE; a CPU has no fast bf16 convolutions.
+    return "float32" if plain or device.type != "cuda" else "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -190,17 +204,20 @@ class ChunkedGenerator:
     def __init__(self, settings: EngineSettings, models: tuple[CausalDiT, WanVAE] | None = None) -> None:
         """Load the models `settings.model` names, or take `models` (already built for that preset) as
         they are: several generators may share one set of weights (the benchmark's plain and fast paths).
-        Each generator applies its attention backend and VAE layout to the models it is built with."""
+        Each generator applies its attention backend and VAE layout to the models it is built with; a VAE
+        of another dtype than `settings.vae_dtype` is converted into a copy, the given one left as it is."""
         self.settings = settings = settings.resolved()
         self.device = torch.device(settings.device)
         self.dtype = DTYPES[settings.dtype]
+        vae_dtype = DTYPES[settings.vae_dtype]
         # The DiT is built or loaded straight into its run layout (bf16 matmul weights, fp32 modulation):
         # no float32 copy of 18.5 B parameters. float64 (tests) starts from float32 and is cast below.
         load_dtype = torch.float32 if self.dtype == torch.float64 else self.dtype
         if settings.model in PRESETS:
             self.preset, self.files = get_preset(settings.model), None
             # Built on the device: a full-size model never passes through host memory.
-            self.dit, self.vae = models or (
+            # The random VAE is drawn in float32 whatever it runs in: every vae_dtype has the same weights.
+            self.dit, vae = models or (
                 random_dit(self.preset.dit, self.device, load_dtype, settings.weights_seed),
                 random_vae(self.preset.vae, self.device, seed=settings.weights_seed),
             )
@@ -211,12 +228,14 @@ class ChunkedGenerator:
             self.files = ModelFiles.locate(Path(settings.model))
             self.preset = _detect_preset(self.files.dit)
             self.dit = load_dit(self.files.dit, self.preset.dit, self.device, load_dtype)
-            self.vae = load_vae(self.files.vae, self.preset.vae, self.device)
+            vae = load_vae(self.files.vae, self.preset.vae, self.device, vae_dtype)
             self.encoder_identity = text_encoder_identity(self.files, self.preset.text)
-        # float64 runs everything in float64 (tests); otherwise the DiT's matmuls run in `dtype`.
+        # Never converted in place: a VAE given in `models` may be another generator's (the benchmark's plain
+        # path keeps float32 while the fast path decodes in bf16). A copy is cheap: 0.5 GB in float32.
+        self.vae = vae if vae.dtype == vae_dtype else vae.converted(vae_dtype)
+        # float64 runs the DiT in float64 (tests); otherwise its matmuls run in `dtype`.
         if self.dtype == torch.float64:
             self.dit.double()
-            self.vae.double()
         else:
             self.dit.set_compute_dtype(self.dtype)
         self.dit.attention_backend = settings.attention
@@ -338,6 +357,8 @@ class Runtime:
             sink_size=job.sink_size,
             num_frames=self.latent_frames,
         )
+        # A whole chunk per decoder call: on an H200 at 832x480, bf16, one latent frame per call keeps 3.9 GB
+        # of activations instead of 5.9 GB but takes 0.217 s per chunk instead of 0.192 (docs/benchmarks.md).
         self.decoder = vae.decode_stream().start()
         # Initial noise and re-noising draw from two generators derived from the seed, on the device.
         self.noise = torch.Generator(device).manual_seed(job.seed)
@@ -556,6 +577,7 @@ class Runtime:
             "steps": len(self.schedule),
             "timesteps": list(self.schedule.timesteps),
             "dtype": engine.dtype,
+            "vae_dtype": engine.vae_dtype,
             "attention": engine.attention,
             "plain": engine.plain,
             "compile": engine.compile,

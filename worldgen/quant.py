@@ -133,10 +133,13 @@ class Fp8Linear(nn.Module):
         return cls(codes, scale.squeeze(1), bias, use_scaled_mm)
 
     def forward(self, x: Tensor) -> Tensor:
-        x_codes, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        matmul = scaled_mm if self.use_scaled_mm else scaled_mm_emulated
-        out = matmul(x_codes, x_scale, self.weight, self.weight_scale, self.bias)
+        out = self.product(*quantize_rows(x.reshape(-1, self.in_features)))
         return out.view(*x.shape[:-1], self.out_features)
+
+    def product(self, x_codes: Tensor, x_scale: Tensor) -> Tensor:
+        """The layer's matmul of an already quantised activation [M, K] -> bf16 [M, N]."""
+        matmul = scaled_mm if self.use_scaled_mm else scaled_mm_emulated
+        return matmul(x_codes, x_scale, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 import worldgen
-from worldgen.config import Job, job_settings_hash, job_to_dict
+from worldgen.config import PRESETS, Job, job_settings_hash, job_to_dict
 from worldgen.generator import ChunkedGenerator, EngineSettings
 from worldgen.profiling import device_environment, named_range, profile_ranges
 from worldgen.timing import DEFAULT_WARMUP_CHUNKS, TimingLog, atomic_output
@@ -34,9 +34,10 @@ def render_settings_hash(job: Job, engine: EngineSettings) -> str:
     engine = engine.resolved()
     identity = {
         "job": job_settings_hash(job),
-        "model": engine.model if engine.model.count("/") == 0 else str(Path(engine.model).resolve()),
+        "model": engine.model if engine.model in PRESETS else str(Path(engine.model).resolve()),
         "weights_seed": engine.weights_seed,
         "dtype": engine.dtype,
+        "vae_dtype": engine.vae_dtype,
         "fp8": engine.fp8,
         "device_type": engine.device.split(":")[0],
     }

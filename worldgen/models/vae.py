@@ -10,6 +10,10 @@ in groups of s, one latent frame each; in decode the first latent frame gives 1 
 
 Memory layout: convolutions run channels-last (channels_last_3d for Conv3d), the layout cuDNN's fast kernels
 use; NCDHW input would make it transpose on every call. `set_channels_last(False)` gives the plain path.
+
+Precision: the network runs in the dtype of its weights (float32 as released, bfloat16 for speed and memory,
+float64 in tests); the latent (de)normalisation around it runs in float32 (float64 for a float64 VAE), so
+encoded latents come out in float32 and bf16 rounds only the network's own activations.
 """
 
 from __future__ import annotations
@@ -269,9 +273,10 @@ class WanVAE(nn.Module):
     """The Wan2.1 VAE: `encode` gives normalised latents, `decode` takes them back to raw video (about
     [-1, 1]; `to_uint8_frames` clamps).
 
-    Runs in the dtype of its parameters (float32 by default; `.to(torch.bfloat16)` for bf16); inputs are cast
-    to it. `encode` / `decode` are one-shot causal calls; `encode_stream()` / `decode_stream()` give
-    chunk-by-chunk streams with identical results.
+    Runs in the dtype of its parameters (float32 by default), inputs cast to it; `converted(dtype)` gives a
+    copy in another dtype (`.to(dtype)` converts in place but rounds the latent statistics with the weights).
+    `encode` / `decode` are one-shot causal calls; `encode_stream()` / `decode_stream()` give chunk-by-chunk
+    streams with identical results.
     """
 
     def __init__(self, config: VAEConfig, *, channels_last: bool = True) -> None:
@@ -300,7 +305,9 @@ class WanVAE(nn.Module):
         return self.conv1.weight.dtype
 
     def _make_latent_stats(self, device: torch.device, dtype: torch.dtype) -> None:
-        # Not in the checkpoint (non-persistent): they come from the config.
+        # Not in the checkpoint (non-persistent): they come from the config. Never below float32: they scale
+        # the latents outside the network, where a bf16 VAE has no reason to round.
+        dtype = torch.promote_types(dtype, torch.float32)
         for name in ("latent_mean", "latent_std"):
             stats = torch.tensor(getattr(self.config, name), device=device, dtype=dtype).view(1, -1, 1, 1, 1)
             self.register_buffer(name, stats, persistent=False)
@@ -324,11 +331,22 @@ class WanVAE(nn.Module):
                 if isinstance(module, CausalConv3d):
                     module.memory_format = layout
 
+    def converted(self, dtype: torch.dtype) -> WanVAE:
+        """A copy of this VAE with its weights in `dtype` (statistics rebuilt, layout kept); this one is
+        left as it is, so models shared with another user are never changed under it."""
+        with torch.device("meta"):
+            copy = WanVAE(self.config, channels_last=self.channels_last)
+        weights = {name: tensor.to(dtype) for name, tensor in self.state_dict().items()}
+        copy.load_state_dict(weights, strict=True, assign=True)  # the load hook rebuilds the statistics
+        return copy.train(self.training).requires_grad_(self.conv1.weight.requires_grad)
+
     def encode_stream(self) -> EncodeStream:
         return EncodeStream(self)
 
-    def decode_stream(self) -> DecodeStream:
-        return DecodeStream(self)
+    def decode_stream(self, frames_per_step: int | None = None) -> DecodeStream:
+        """A decode stream; `frames_per_step` latent frames go through the decoder at a time (None: each
+        chunk at once). Smaller steps cut the activation memory; the video is the same up to rounding."""
+        return DecodeStream(self, frames_per_step)
 
     def encode(self, video: Tensor) -> Tensor:
         """Video [B, 3, 1 + 4k, H, W] in [-1, 1] -> normalised latents [B, z_dim, 1 + k, H/8, W/8]."""
@@ -426,13 +444,22 @@ class EncodeStream(_Stream):
         vae = self.vae
         moments = vae.conv1(vae.encoder(video.to(vae.dtype), cache), cache)
         mu = moments[:, : vae.config.z_dim]  # the rest is the log-variance, unused at inference
-        return (mu - vae.latent_mean) / vae.latent_std
+        return (mu.to(vae.latent_mean.dtype) - vae.latent_mean) / vae.latent_std
 
 
 class DecodeStream(_Stream):
     """Normalised latent chunks -> video chunks: the first latent frame gives 1 frame, later ones 4."""
 
     kind = "VAE decode stream"
+
+    def __init__(self, vae: WanVAE, frames_per_step: int | None = None) -> None:
+        if frames_per_step is not None and frames_per_step < 1:
+            raise ValueError(
+                f"{self.kind}: frames_per_step must be a number of latent frames >= 1 or None (the whole "
+                f"chunk), got {frames_per_step!r}"
+            )
+        super().__init__(vae)
+        self.frames_per_step = frames_per_step
 
     def _check_chunk(self, x: Tensor, first: bool) -> None:
         self._check_layout(x, "latents", self.vae.config.z_dim)
@@ -441,11 +468,19 @@ class DecodeStream(_Stream):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Latent chunk [B, z_dim, t, h, w] -> video [B, 3, T, 8h, 8w], raw (not clamped)."""
+        """Latent chunk [B, z_dim, t, h, w] -> video [B, 3, T, 8h, 8w], raw (not clamped), in the VAE's dtype.
+
+        With `frames_per_step`, the chunk's latent frames go through the decoder a few at a time, the
+        feature cache carrying each step into the next as it carries chunks: the same video, with the
+        activations of `frames_per_step` latent frames alive at once instead of the whole chunk's.
+        """
         cache = self._next_chunk(latents)
         vae = self.vae
-        z = latents.to(vae.dtype) * vae.latent_std + vae.latent_mean
-        return vae.decoder(vae.conv2(z, cache), cache)
+        z = latents.to(vae.latent_std.dtype) * vae.latent_std + vae.latent_mean
+        z = vae.conv2(z.to(vae.dtype), cache)
+        step = self.frames_per_step or z.shape[2]
+        videos = [vae.decoder(z[:, :, first : first + step], cache) for first in range(0, z.shape[2], step)]
+        return videos[0] if len(videos) == 1 else torch.cat(videos, dim=2)
 
 
 def to_uint8_frames(video: Tensor) -> np.ndarray:
