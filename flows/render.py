@@ -33,11 +33,12 @@ from prefect.artifacts import (
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows import exit_status
 from worldgen.cli import add_engine_arguments, engine_options
 from worldgen.config import job_from_dict, job_to_dict
 from worldgen.generator import EngineSettings, JobInputError, generator_loads, shared_generator
 from worldgen.manifest import load_manifest
-from worldgen.render import finished_result, render_job
+from worldgen.render import PROMPT_CACHE, finished_result, render_job
 
 RUNNERS = ("local", "ray")
 
@@ -85,9 +86,10 @@ def _worker_record(started_at: str) -> dict[str, Any]:
 
 
 @task(retries=2, retry_delay_seconds=5)
-def embed_prompts_task(prompts: list[str], engine: dict[str, Any]) -> int:
-    """Fill the prompt-embedding cache for the whole batch with one load of the text encoder."""
-    shared_generator(EngineSettings(**engine)).embed_prompts(prompts)
+def embed_prompts_task(prompts: list[str], out_dir: str, engine: dict[str, Any]) -> int:
+    """Fill the batch's prompt-embedding cache (the one `render_job` reads) with one load of the text
+    encoder."""
+    shared_generator(EngineSettings(**engine)).embed_prompts(prompts, Path(out_dir) / PROMPT_CACHE)
     return len(set(prompts))
 
 
@@ -117,7 +119,7 @@ def render_jobs(
     settings = EngineSettings(**engine)
     left = [job["prompt"] for job in jobs if not finished_result(job_from_dict(job), Path(out_dir), settings)]
     if left:  # a batch with nothing left to render loads no model at all
-        embed_prompts_task.submit(left, engine).result()
+        embed_prompts_task.submit(left, out_dir, engine).result()
     futures = [render_job_task.submit(job, out_dir, engine, write_video) for job in jobs]
     results: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
@@ -221,7 +223,6 @@ def render_manifest(
         compile=compile,
         fp8=fp8,
         overlap=overlap,
-        prompt_cache=str(Path(out_dir) / ".prompt-cache"),
     ).resolved()
     batch = {
         "manifest": manifest,
@@ -261,10 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus_per_job=args.gpus_per_job,
         return_state=True,
     )
-    if not state.is_completed():
-        print(f"render-manifest failed: {state.message}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status("render-manifest", state)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows import exit_status
 from worldgen.report import build_report, summary_table
 from worldgen.timing import DEFAULT_WARMUP_CHUNKS, atomic_output
 
@@ -49,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-chunks", type=int, default=DEFAULT_WARMUP_CHUNKS)
     args = parser.parse_args(argv)
     state = timing_report(args.out_dir, warmup_chunks=args.warmup_chunks, return_state=True)
-    if not state.is_completed():
-        print(f"timing-report failed: {state.message}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status("timing-report", state)
 
 
 if __name__ == "__main__":

@@ -222,21 +222,22 @@ def _tiny_generators(tmp_path: Path):
 
 def test_plain_generator_shares_the_weights_and_gives_the_same_frames(tmp_path: Path) -> None:
     settings, dit, vae, text, job = _tiny_generators(tmp_path)
-    fast = bench_generator(settings.engine(), (dit, vae), text, job, tmp_path / "prompts")
-    fast_frames = fast.create_runtime(job).generate_next_chunk().frames
+    prompts = tmp_path / "prompts"
+    fast = bench_generator(settings.engine(), (dit, vae), text, job, prompts)
+    fast_frames = fast.create_runtime(job, prompts).generate_next_chunk().frames
     assert dit.attention_backend == "auto" and vae.channels_last
-    plain = bench_generator(settings.engine(plain=True), (dit, vae), text, job, tmp_path / "prompts")
+    plain = bench_generator(settings.engine(plain=True), (dit, vae), text, job, prompts)
     assert plain.dit is dit and plain.vae is vae
     assert dit.attention_backend == "default" and not vae.channels_last
-    assert torch.equal(plain.embed_prompts([job.prompt])[0], text)  # from the cache: no encoder loaded
-    plain_frames = plain.create_runtime(job).generate_next_chunk().frames
+    assert torch.equal(plain.embed_prompts([job.prompt], prompts)[0], text)  # from the cache: no encoder
+    plain_frames = plain.create_runtime(job, prompts).generate_next_chunk().frames
     np.testing.assert_allclose(plain_frames.astype(int), fast_frames.astype(int), atol=1)
 
 
 def test_sync_check_covers_the_dit_passes_but_not_the_stage_edge(tmp_path: Path) -> None:
     settings, dit, vae, text, job = _tiny_generators(tmp_path)
     generator = bench_generator(settings.engine(), (dit, vae), text, job, tmp_path / "prompts")
-    runtime = generator.create_runtime(job)
+    runtime = generator.create_runtime(job, tmp_path / "prompts")
     events: list[str] = []
     with dit_sync_check(dit, len(runtime.schedule), set_mode=events.append):
         dit.register_forward_pre_hook(lambda *_: events.append("pass"))  # runs after the check's hook

@@ -14,35 +14,18 @@ from pathlib import Path
 import imageio_ffmpeg
 import pyarrow.parquet as pq
 import pytest
+from helpers import ASSETS, job_row
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+from prefect.states import Completed, Failed
 
+from flows import exit_status
 from flows.render import render_manifest
 from flows.report import timing_report
 from worldgen.render import MARKER, TIMINGS, VIDEO
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "manifests" / "assets"
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def job_row(job_id: str, **changes) -> dict:
-    """A tiny 64x48 camera job: 9 frames -> 3 latent frames -> 3 chunks of 1."""
-    row = {
-        "job_id": job_id,
-        "prompt": f"a red house, {job_id}",
-        "image": str(ASSETS / "image.png"),
-        "poses": str(ASSETS / "poses.npy"),
-        "intrinsics": str(ASSETS / "intrinsics.npy"),
-        "frame_num": 9,
-        "chunk_size": 1,
-        "local_attn_size": 2,
-        "sink_size": 1,
-        "height": 48,
-        "width": 64,
-        "seed": 1,
-    }
-    return {**row, **changes}
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
@@ -191,3 +174,10 @@ def test_deployment_runs_on_a_process_worker(tmp_path):
             return runs[0].state.type.value
 
     assert asyncio.run(last_run_state()) == "COMPLETED"
+
+
+def test_exit_status_is_0_for_a_completed_run_and_1_with_the_message_otherwise(capsys) -> None:
+    assert exit_status("render-manifest", Completed()) == 0
+    assert capsys.readouterr().err == ""
+    assert exit_status("render-manifest", Failed(message="2 of 3 jobs failed: a, b")) == 1
+    assert capsys.readouterr().err == "render-manifest failed: 2 of 3 jobs failed: a, b\n"

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from helpers import ASSETS, job_row
 
 from worldgen.checkpoints import write_checkpoint
 from worldgen.cli import main as cli_main
 from worldgen.config import Job
 from worldgen.control import video_frame_count
-from worldgen.generator import ChunkedGenerator, EngineSettings, JobInputError, Runtime
-from worldgen.render import MARKER, TIMINGS, VIDEO, finished_result, render_job
+from worldgen.generator import (
+    ChunkedGenerator,
+    EngineSettings,
+    JobInputError,
+    Runtime,
+    generator_loads,
+    shared_generator,
+)
+from worldgen.render import MARKER, PROMPT_CACHE, TIMINGS, VIDEO, finished_result, render_job
 from worldgen.timing import TIMING_SCHEMA, read_timings, summarize
-
-ASSETS = Path(__file__).resolve().parents[1] / "manifests" / "assets"
 
 
 def tiny_job(**changes) -> Job:
@@ -167,26 +172,28 @@ def test_plain_path_matches_the_fast_path():
 
 def test_cli_renders_a_manifest_and_reports(tmp_path, capsys):
     manifest = tmp_path / "jobs.jsonl"
-    job = {
-        "job_id": "cli-job",
-        "prompt": "a house",
-        "image": str(ASSETS / "image.png"),
-        "poses": str(ASSETS / "poses.npy"),
-        "intrinsics": str(ASSETS / "intrinsics.npy"),
-        "frame_num": 9,
-        "chunk_size": 1,
-        "local_attn_size": 2,
-        "sink_size": 1,
-        "height": 48,
-        "width": 64,
-    }
-    manifest.write_text(json.dumps(job) + "\n")
+    manifest.write_text(json.dumps(job_row("cli-job")) + "\n")
     out = tmp_path / "out"
     assert cli_main(["render", "--manifest", str(manifest), "--out", str(out)]) == 0
     assert (out / "cli-job" / VIDEO).is_file() and (out / "cli-job" / MARKER).is_file()
     assert cli_main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "cli-job" in printed and (out / "timings.png").is_file()
+
+
+def test_one_shared_generator_renders_into_every_output_folder(tmp_path, monkeypatch):
+    """Where a batch keeps its prompt embeddings is no part of the model: two batches with their own output
+    folders in one process load the model once, and each folder gets its own prompt cache."""
+    monkeypatch.setattr("worldgen.generator._SHARED", {})  # as in a fresh process: nothing loaded yet
+    loads = generator_loads()
+    settings, job = EngineSettings(model="tiny"), tiny_job(frame_num=5, height=32, width=32)  # 1 chunk
+    outs = [tmp_path / "a", tmp_path / "b"]
+    generators = [shared_generator(settings) for _ in outs]
+    for generator, out in zip(generators, outs, strict=True):
+        assert render_job(generator, job, out, write_video=False, progress=False)["status"] == "rendered"
+    assert generators[0] is generators[1] and generator_loads() == loads + 1
+    cached = [sorted(p.relative_to(out) for p in (out / PROMPT_CACHE).rglob("*.safetensors")) for out in outs]
+    assert len(cached[0]) == 1 and cached[0] == cached[1]  # the job's one prompt, stored in each folder
 
 
 def test_a_model_folder_loads_in_the_run_layout_and_renders(tmp_path):

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from test_flows import job_row, statuses, write_manifest
+from helpers import job_row
+from test_flows import statuses, write_manifest
 
 from flows.ray_runner import RayActorTaskRunner, prefect_api_problem
 from flows.render import render_manifest

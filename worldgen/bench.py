@@ -47,6 +47,7 @@ from worldgen.floor import CATEGORIES, KernelClock, chunk_ops, flops_by_category
 from worldgen.generator import DTYPES, ChunkedGenerator, EngineSettings, Runtime
 from worldgen.models.dit import CausalDiT
 from worldgen.models.random_init import random_dit, random_vae
+from worldgen.models.text import PromptEmbeddingCache
 from worldgen.models.vae import WanVAE
 from worldgen.profiling import (
     ProfilerSettings,
@@ -193,11 +194,12 @@ def random_text(config: DiTConfig, seed: int) -> Tensor:
 def bench_generator(
     engine: EngineSettings, models: tuple[CausalDiT, WanVAE], text: Tensor, job: Job, prompt_cache: Path
 ) -> ChunkedGenerator:
-    """A generator over the shared models whose prompt cache already holds the job's random text embedding,
-    so the real prompt path runs and no text encoder (or tokenizer) is ever loaded."""
-    generator = ChunkedGenerator(replace(engine, prompt_cache=str(prompt_cache)), models=models)
-    assert generator.prompt_cache is not None
-    generator.prompt_cache.store(job.prompt, text, num_tokens=text.shape[0])
+    """A generator over the shared models, with the job's random text embedding stored in `prompt_cache` under
+    its encoder identity: a runtime created with that folder runs the real prompt path and no text encoder
+    (or tokenizer) is ever loaded."""
+    generator = ChunkedGenerator(engine, models=models)
+    cache = PromptEmbeddingCache(prompt_cache, generator.encoder_identity)
+    cache.store(job.prompt, text, num_tokens=text.shape[0])
     return generator
 
 
@@ -276,14 +278,19 @@ def _profile_chunk(runtime: Runtime, out_dir: Path, name: str) -> dict[str, Any]
 
 
 def run_path(
-    name: str, generator: ChunkedGenerator, job: Job, settings: BenchSettings, run_id: str
+    name: str,
+    generator: ChunkedGenerator,
+    job: Job,
+    prompt_cache: Path,
+    settings: BenchSettings,
+    run_id: str,
 ) -> PathRun:
     """Render the timed chunks of `job` (then the sync check's and profiler's); write the Parquet."""
     out_dir = settings.out / name
     out_dir.mkdir(parents=True, exist_ok=True)
     job = replace(job, job_id=f"bench-{name}")
     started = time.perf_counter()
-    runtime = generator.create_runtime(job)
+    runtime = generator.create_runtime(job, prompt_cache)
     create_seconds = time.perf_counter() - started
     timed = settings.timed_chunks()
     run = runtime.run_info(run_id)
@@ -434,9 +441,11 @@ def _models_info(dit: nn.Module, vae: nn.Module) -> dict[str, int]:
 ERROR_CHUNKS = 3  # chunks compared for the fp8 error: the error of later chunks builds on earlier ones
 
 
-def first_latents(generator: ChunkedGenerator, job: Job, chunks: int = ERROR_CHUNKS) -> list[Tensor]:
+def first_latents(
+    generator: ChunkedGenerator, job: Job, prompt_cache: Path, chunks: int = ERROR_CHUNKS
+) -> list[Tensor]:
     """The clean latents of the first `chunks` chunks of `job`, on the host."""
-    runtime = generator.create_runtime(replace(job, job_id=f"{job.job_id}-error"))
+    runtime = generator.create_runtime(replace(job, job_id=f"{job.job_id}-error"), prompt_cache)
     return [runtime.generate_next_chunk().latent.cpu() for _ in range(min(chunks, runtime.num_chunks))]
 
 
@@ -470,13 +479,13 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         prompts = Path(inputs) / "prompts"
         if settings.fp8:  # the bf16 reference runs before fp8 replaces the shared DiT's layers
             bf16 = replace(engines["fast"], compile=False, fp8=False, overlap=False)
-            reference = first_latents(bench_generator(bf16, (dit, vae), text, job, prompts), job)
+            reference = first_latents(bench_generator(bf16, (dit, vae), text, job, prompts), job, prompts)
         for name, engine in engines.items():
             generator = bench_generator(engine, (dit, vae), text, job, prompts)
             if name == "fast" and settings.fp8:
-                quantised = first_latents(generator, job)
+                quantised = first_latents(generator, job, prompts)
                 fp8_latent_error = [fp8_error(r, q) for r, q in zip(reference, quantised, strict=True)]
-            runs[name] = run_path(name, generator, job, settings, run_id)
+            runs[name] = run_path(name, generator, job, prompts, settings, run_id)
             compile_seconds = sum(generator.compile_seconds.values())
 
     clock = KernelClock(device, dtype)

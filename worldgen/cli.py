@@ -21,9 +21,7 @@ def _render(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 2
     out = Path(args.out)
-    generator = ChunkedGenerator(
-        EngineSettings(**engine_options(args), prompt_cache=str(out / ".prompt-cache"))
-    )
+    generator = ChunkedGenerator(EngineSettings(**engine_options(args)))
     for job in jobs:
         result = render_job(generator, job, out, write_video=args.write_video, force=args.force)
         print(f"{job.job_id}: {result['status']} -> {result['job_dir']}")

@@ -1,7 +1,7 @@
 """The chunked generator: models loaded once, one `Runtime` per video, one chunk per call.
 
     generator = ChunkedGenerator(EngineSettings(model="tiny", device="cpu"))
-    runtime = generator.create_runtime(job)          # text, conditioning latent, control, KV cache
+    runtime = generator.create_runtime(job, folder)  # text, conditioning latent, control, KV cache
     while not runtime.done:
         chunk = runtime.generate_next_chunk()        # denoise (4 passes) -> cache update -> VAE decode
         chunk.frames                                 # uint8 [T, H, W, 3] on the host
@@ -10,6 +10,8 @@
 Per chunk i over latent frames [f0, f0 + chunk_size): fresh Gaussian noise, 4 DiT passes with re-noising
 between them, one more pass on the clean latent at timestep 0 that only writes clean K/V into the rolling
 cache, then the streaming VAE decodes the chunk (9 video frames for chunk 0 of 3 latent frames, 12 after).
+
+`folder` keeps the prompt embeddings (a render uses `OUT/.prompt-cache`; None keeps none on disk).
 """
 
 from __future__ import annotations
@@ -94,7 +96,6 @@ class EngineSettings:
     fp8: bool = False  # e4m3 row-scaled matmuls for the DiT's token-wise layers (worldgen/quant.py)
     overlap: bool = False  # decode chunk i on a side stream while the DiT generates chunk i+1
     weights_seed: int = 0  # seed of the random weights of a preset
-    prompt_cache: str | None = None  # folder of the prompt-embedding cache; None: keep none on disk
 
     def resolved(self) -> EngineSettings:
         """These settings with the defaults that depend on the device filled in, and checked."""
@@ -247,11 +248,6 @@ class ChunkedGenerator:
         if settings.compile:
             compile_dit(self.dit)
         self.compile_seconds: dict[tuple[int, int, int], float] = {}  # per (frames, h, w) chunk shape
-        self.prompt_cache = (
-            PromptEmbeddingCache(Path(settings.prompt_cache), self.encoder_identity)
-            if settings.prompt_cache
-            else None
-        )
 
     def _load_text_encoder(self) -> TextEncoder:
         if self.files is not None:
@@ -271,13 +267,19 @@ class ChunkedGenerator:
         # umT5 is released in bf16; a CPU runs it in float32 (bf16 matmuls there are slow and inexact).
         return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
-    def embed_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
-        """Text embeddings [text_len, text_dim] (host); each distinct prompt encoded once, cached on disk."""
-        return embed_prompts(prompts, self._load_text_encoder, self.prompt_cache)
+    def embed_prompts(self, prompts: list[str], prompt_cache: Path | None = None) -> list[torch.Tensor]:
+        """Text embeddings [text_len, text_dim] (host); each distinct prompt encoded once and, with a
+        `prompt_cache` folder, kept there under this generator's encoder identity (None: nothing on disk).
 
-    def create_runtime(self, job: Job) -> Runtime:
+        The folder is an argument, not a setting: where embeddings are kept does not change the model, so
+        batches writing to different output folders share one loaded generator."""
+        cache = None if prompt_cache is None else PromptEmbeddingCache(prompt_cache, self.encoder_identity)
+        return embed_prompts(prompts, self._load_text_encoder, cache)
+
+    def create_runtime(self, job: Job, prompt_cache: Path | None = None) -> Runtime:
+        """A new video's state; its text embedding comes through `embed_prompts(..., prompt_cache)`."""
         with named_range("create_runtime"):
-            runtime = Runtime(self, job)
+            runtime = Runtime(self, job, prompt_cache)
             self._compile_for(runtime)
             return runtime
 
@@ -303,7 +305,8 @@ _shared_loads = 0
 
 
 def shared_generator(settings: EngineSettings) -> ChunkedGenerator:
-    """One generator per process and settings, loaded on first use and reused by every later job."""
+    """One generator per process and settings, loaded on first use and reused by every later job, whatever
+    output folder it renders into."""
     global _shared_loads
     settings = settings.resolved()
     with _SHARED_LOCK:
@@ -333,7 +336,7 @@ def load_image(path: str, height: int, width: int) -> torch.Tensor:
 class Runtime:
     """The state of one video being generated: caches, conditioning, control, noise and the chunk cursor."""
 
-    def __init__(self, generator: ChunkedGenerator, job: Job) -> None:
+    def __init__(self, generator: ChunkedGenerator, job: Job, prompt_cache: Path | None = None) -> None:
         self.generator, self.job = generator, job
         dit, vae, device = generator.dit, generator.vae, generator.device
         self.latent_frames = latent_frame_count(job.frame_num, job.chunk_size)
@@ -344,7 +347,7 @@ class Runtime:
         self.control = self._control_trajectory()
         compute = generator.dtype if generator.dtype == torch.float64 else torch.float32
 
-        text = generator.embed_prompts([job.prompt])[0][None].to(device, compute)
+        text = generator.embed_prompts([job.prompt], prompt_cache)[0][None].to(device, compute)
         self.text = text if generator.settings.plain else dit.prepare_text(text)
         self.y = self._conditioning(compute)
         stride = vae.config.spatial_stride

@@ -1,4 +1,5 @@
-"""Render one job into its output folder: `OUT/<job_id>/{video.mp4, timings.parquet, job.json}`.
+"""Render one job into its output folder: `OUT/<job_id>/{video.mp4, timings.parquet, job.json}`, its prompt's
+text embedding into `OUT/.prompt-cache/` (shared by every job under OUT).
 
 Every file is written to a temp name and renamed into place; `job.json` comes last and is the "done"
 marker: it holds the job's settings hash, and a job whose marker matches is skipped. A crash or a kill at
@@ -27,6 +28,7 @@ from worldgen.video import VideoWriter
 MARKER = "job.json"
 VIDEO = "video.mp4"
 TIMINGS = "timings.parquet"
+PROMPT_CACHE = ".prompt-cache"  # under the output folder: the prompt embeddings of all its jobs
 
 
 def render_settings_hash(job: Job, engine: EngineSettings) -> str:
@@ -88,7 +90,7 @@ def render_job(
     # WORLDGEN_PROFILE selects the ranges traced by the torch profiler (none by default).
     with profile_ranges(job_dir / "traces"), named_range("workloop"):
         started = time.perf_counter()
-        runtime = generator.create_runtime(job)
+        runtime = generator.create_runtime(job, Path(out_dir) / PROMPT_CACHE)
         create_seconds = time.perf_counter() - started
         log = TimingLog(settings={"job": job_to_dict(job), **runtime.settings, "run_id": run_id})
         run = runtime.run_info(run_id)
