@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from worldgen.config import get_preset
+from worldgen.models.dit import CausalDiT
+from worldgen.models.kv_cache import KVCache
+
 ASSETS = Path(__file__).resolve().parents[1] / "manifests" / "assets"
 
 
@@ -26,3 +32,28 @@ def job_row(job_id: str, **changes: Any) -> dict[str, Any]:
         "seed": 1,
     }
     return {**row, **changes}
+
+
+def tiny_pass_inputs(frames: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+    """Seeded x, y, text context and control of one pass of the tiny DiT (or any DiT with its text and
+    control sizes) over `frames` latent frames of height x width."""
+    config = get_preset("tiny").dit
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, frames, height, width, generator=generator)
+    y = torch.randn(1, 20, frames, height, width, generator=generator)
+    context = torch.randn(1, config.text_len, config.text_dim, generator=generator)
+    control = torch.randn(1, config.control_channels, frames, height, width, generator=generator)
+    return x, y, context, control
+
+
+def two_chunk_cache(dit: CausalDiT, frames: int, height: int, width: int) -> KVCache:
+    """A whole-video KV cache for two chunks of `frames` latent frames."""
+    return dit.make_kv_cache(
+        batch_size=1,
+        latent_height=height,
+        latent_width=width,
+        chunk_size=frames,
+        local_attn_size=-1,
+        sink_size=0,
+        num_frames=2 * frames,
+    )

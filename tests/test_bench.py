@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_pass_inputs, two_chunk_cache
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -63,15 +64,6 @@ PATH_KEYS = {
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
-def _tiny_pass_inputs(frames: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, frames, height, width, generator=generator)
-    y = torch.randn(1, 20, frames, height, width, generator=generator)
-    context = torch.randn(1, TINY.dit.text_len, TINY.dit.text_dim, generator=generator)
-    control = torch.randn(1, TINY.dit.control_channels, frames, height, width, generator=generator)
-    return x, y, context, control
-
-
 def _counted(fn) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn()
@@ -83,16 +75,8 @@ def test_forward_ops_match_torch_flop_counter() -> None:
     dit = random_dit(TINY.dit, "cpu", torch.float32, seed=0)
     dit.attention_backend = "math"  # decomposes into bmm, which the counter sees
     frames, height, width = 2, 4, 6
-    x, y, context, control = _tiny_pass_inputs(frames, height, width)
-    cache = dit.make_kv_cache(
-        batch_size=1,
-        latent_height=height,
-        latent_width=width,
-        chunk_size=frames,
-        local_attn_size=-1,
-        sink_size=0,
-        num_frames=2 * frames,
-    )
+    x, y, context, control = tiny_pass_inputs(frames, height, width)
+    cache = two_chunk_cache(dit, frames, height, width)
     with torch.no_grad():
         dit(x, 999, y, context, control, cache=cache, first_latent_frame=0)
     ours = flops_by_category(forward_ops(TINY.dit, frames=frames, frame_tokens=6, kv_tokens=2 * frames * 6))

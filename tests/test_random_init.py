@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import tiny_pass_inputs, two_chunk_cache
 from torch import nn
 
 from worldgen.config import get_preset
@@ -66,21 +67,9 @@ def test_init_scales() -> None:
 def test_a_40_layer_random_forward_is_finite_and_moderate() -> None:
     config = replace(TINY.dit, num_layers=40)  # as deep as the full-size model, in its run dtypes
     dit = random_dit(config, "cpu", torch.bfloat16, seed=0)
-    generator = torch.Generator().manual_seed(0)
     frames, height, width = 2, 4, 6
-    x = torch.randn(1, 16, frames, height, width, generator=generator)
-    y = torch.randn(1, 20, frames, height, width, generator=generator)
-    context = torch.randn(1, 512, config.text_dim, generator=generator)
-    control = torch.randn(1, config.control_channels, frames, height, width, generator=generator)
-    cache = dit.make_kv_cache(
-        batch_size=1,
-        latent_height=height,
-        latent_width=width,
-        chunk_size=frames,
-        local_attn_size=-1,
-        sink_size=0,
-        num_frames=2 * frames,
-    )
+    x, y, context, control = tiny_pass_inputs(frames, height, width)
+    cache = two_chunk_cache(dit, frames, height, width)
     text, camera = dit.prepare_text(context), dit.prepare_control(control)
     with torch.no_grad():
         for first in (0, frames):  # two chunks, the second attending to the first through the cache
