@@ -156,14 +156,15 @@ class KernelClock:
     def seconds(self, op: Op, backend: str, fp8: bool = False) -> float:
         """Seconds of one call of `op`'s shape; `fp8`: a quantisable matmul runs as an fp8 layer."""
         if isinstance(op, Matmul):
-            key = (op.m, op.k, op.n, fp8 and op.fp8)
+            as_fp8 = fp8 and op.fp8
+            key = (op.m, op.k, op.n, as_fp8)
             if key not in self._matmuls:
                 x = self._random(op.m, op.k)
                 linear = nn.Linear(op.k, op.n, device=self.device, dtype=self.dtype)
                 # fp8: the scaled matmul alone, as compiled blocks fuse the activation's quantisation.
                 call = (
                     partial(Fp8Linear.from_linear(linear).product, *quantize_rows(x))
-                    if key[3]
+                    if as_fp8
                     else partial(linear, x)
                 )
                 self._matmuls[key] = seconds_per_call(call, self.device, self.calls)
