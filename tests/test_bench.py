@@ -34,6 +34,7 @@ from worldgen.floor import (
     chunk_ops,
     flops_by_category,
     forward_ops,
+    update_cache_skips,
 )
 from worldgen.models.attention import attention
 from worldgen.models.random_init import random_dit, random_vae
@@ -88,6 +89,9 @@ def test_forward_ops_match_torch_flop_counter() -> None:
     assert fast == ours["linear"] + ours["self_attention"] + ours["cross_attention"]
     assert _counted(lambda: dit.prepare_text(context)) == ours["text"]
     assert _counted(lambda: dit.prepare_control(control)) == ours["camera"]
+    skipped = update_cache_skips(TINY.dit, frames=frames, frame_tokens=6, kv_tokens=2 * frames * 6)
+    update = _counted(lambda: dit.update_cache(x, y, text, camera, cache=cache, first_latent_frame=frames))
+    assert update == fast - sum(op.flops for op in skipped)
 
 
 def test_forward_ops_match_a_hand_count_on_tiny() -> None:
@@ -131,12 +135,17 @@ def test_chunk_ops_repeat_per_pass_work_and_do_the_rest_once() -> None:
     plain = flops_by_category(
         chunk_ops(TINY.dit, frames=3, frame_tokens=4, kv_tokens=24, passes=5, plain=True)
     )
+    skipped = flops_by_category(update_cache_skips(TINY.dit, frames=3, frame_tokens=4, kv_tokens=24))
     assert plain == {category: 5 * one[category] for category in CATEGORIES}
     assert fast == {
-        **{category: 5 * one[category] for category in ("linear", "self_attention", "cross_attention")},
+        **{
+            category: 5 * one[category] - skipped[category]
+            for category in ("linear", "self_attention", "cross_attention")
+        },
         "camera": one["camera"],
         "text": 0,
     }
+    assert 0 < skipped["linear"] < one["linear"] and skipped["camera"] == skipped["text"] == 0
 
 
 def test_kernel_clock_measures_each_shape_once_and_sums_the_floor() -> None:
@@ -224,7 +233,8 @@ def test_sync_check_covers_the_dit_passes_but_not_the_stage_edge(tmp_path: Path)
     runtime = generator.create_runtime(job, tmp_path / "prompts")
     events: list[str] = []
     with dit_sync_check(dit, len(runtime.schedule), set_mode=events.append):
-        dit.register_forward_pre_hook(lambda *_: events.append("pass"))  # runs after the check's hook
+        # Block 0 runs in every pass (the fast path's `update_cache` too), after the check's hooks.
+        dit.blocks[0].register_forward_pre_hook(lambda *_: events.append("pass"))
         runtime.generate_next_chunk()
     # 4 denoising passes under "error" without a break, off for the denoise/cache-update stage edge,
     # on again for the cache-update pass, and off when the block ends.

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from worldgen.config import get_preset
-from worldgen.models.attention import attention, check_backend, visibility_mask
+from worldgen.models.attention import FA4_MIN_KEYS, attention, check_backend, fa4_usable, visibility_mask
 from worldgen.models.dit import CausalDiT, apply_rope, rope_split, rope_tables, sinusoidal_embedding
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -116,6 +116,37 @@ def test_attention_backends() -> None:
         torch.testing.assert_close(attention(q, k, v, backend), expected)
 
 
+def test_fa4_backend_refuses_what_it_cannot_run() -> None:
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="attention backend 'fa4' needs a CUDA device, got cpu"):
+        attention(q, q, q, "fa4")
+    with pytest.raises(ValueError, match="'fa4' takes no mask"):
+        attention(q, q, q, "fa4", mask=torch.ones(4, 4, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_fa4_backend_matches_exact_attention_and_auto_takes_it_for_long_keys() -> None:
+    if not fa4_usable():
+        pytest.skip("needs the flash-attn-4 package and a Hopper or Blackwell GPU")
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    # 3 frames of 130 queries against 7 frames of keys: lengths that are no multiple of the kernel's tiles
+    q, k, v = (
+        torch.randn(1, length, 4, 128, device="cuda", generator=generator) for length in (390, 910, 910)
+    )
+    expected = attention(q, k, v, "math")
+    bf16 = [t.bfloat16() for t in (q, k, v)]
+    for result in (attention(*bf16, "fa4"), torch.compile(attention, fullgraph=True)(*bf16, "fa4")):
+        error = (result.float() - expected).norm() / expected.norm()
+        assert result.shape == expected.shape and error < 1e-2, error
+
+    long_keys = [t.bfloat16() for t in (q, k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1))]
+    assert k.shape[1] < FA4_MIN_KEYS <= long_keys[1].shape[1]
+    assert torch.equal(attention(*long_keys, "auto"), attention(*long_keys, "fa4"))
+    assert torch.equal(attention(*bf16, "auto"), attention(*bf16, "cudnn"))
+
+
 # ------------------------------------------------------------------------------------- tiny model rollouts
 @dataclass
 class Inputs:
@@ -169,8 +200,10 @@ def _rollout(
     *,
     prepare_text: bool = True,
     prepare_control: bool = True,
+    kv_only_update: bool = False,
 ) -> tuple[list[Call], list[torch.Tensor]]:
-    """Chunked generation as the generator runs it: 4 denoising passes and one cache update per chunk."""
+    """Chunked generation as the generator runs it: 4 denoising passes and one cache update per chunk
+    (a whole forward at timestep 0, whose call is recorded, or with `kv_only_update` `update_cache`)."""
     frames = inputs.noise.shape[2]
     cache = model.make_kv_cache(
         batch_size=1,
@@ -196,10 +229,27 @@ def _rollout(
             if step + 1 < len(TIMESTEPS):
                 sigma_next = TIMESTEPS[step + 1] / 1000
                 x = (1 - sigma_next) * x0 + sigma_next * inputs.renoise[step + 1][:, :, frames_of_chunk]
-        velocity = model(x0, 0.0, y, text, control, cache=cache, first_latent_frame=first)
-        calls.append(Call(first, x0, 0.0, velocity))
+        if kv_only_update:
+            model.update_cache(x0, y, text, control, cache=cache, first_latent_frame=first)
+        else:
+            velocity = model(x0, 0.0, y, text, control, cache=cache, first_latent_frame=first)
+            calls.append(Call(first, x0, 0.0, velocity))
         clean_chunks.append(x0)
     return calls, clean_chunks
+
+
+@torch.no_grad()
+def test_update_cache_writes_what_the_whole_timestep_0_forward_writes() -> None:
+    """Every later pass sees the cache: equal velocities over 4 chunks mean equal K/V in every layer."""
+    model = _tiny_model()
+    inputs = _inputs(model, 12)
+    whole, whole_chunks = _rollout(model, inputs, chunk=3, window=6, sink=3)
+    kv_only, kv_only_chunks = _rollout(model, inputs, chunk=3, window=6, sink=3, kv_only_update=True)
+    denoising = [call for call in whole if call.timestep != 0.0]
+    assert len(kv_only) == len(denoising) == 16
+    for expected, call in zip(denoising, kv_only, strict=True):
+        assert torch.equal(call.velocity, expected.velocity)
+    assert all(torch.equal(a, b) for a, b in zip(kv_only_chunks, whole_chunks, strict=True))
 
 
 def _full_sequence(
@@ -345,5 +395,8 @@ def test_cached_passes_never_synchronise_with_the_device() -> None:
             for timestep in (*TIMESTEPS, 0.0):
                 model(x[:, :, frames], timestep, y[:, :, frames], text, control_state, cache=cache,
                       first_latent_frame=first)  # fmt: skip
+            model.update_cache(
+                x[:, :, frames], y[:, :, frames], text, control_state, cache=cache, first_latent_frame=first
+            )
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -206,14 +206,15 @@ def bench_generator(
 # ------------------------------------------------------------------------------------ sync check
 @contextmanager
 def dit_sync_check(
-    dit: nn.Module, denoising_steps: int, set_mode: Callable[[str], None] | None = None
+    dit: CausalDiT, denoising_steps: int, set_mode: Callable[[str], None] | None = None
 ) -> Iterator[None]:
     """CUDA sync debug mode "error" around the DiT passes of the one chunk generated inside the block.
 
     On from the start of the first denoising pass to the end of the last one (the x0 prediction and
-    re-noising between passes included), and around the cache-update pass; the stage timer's deliberate
-    synchronisation between denoising and cache update falls outside. Any device-to-host sync in there
-    (`.item()`, a blocking copy, ...) raises a RuntimeError. `set_mode`: torch.cuda.set_sync_debug_mode.
+    re-noising between passes included), and around the cache-update pass (a whole forward on the plain
+    path, `update_cache` on the fast one); the stage timer's deliberate synchronisation between denoising
+    and cache update falls outside. Any device-to-host sync in there (`.item()`, a blocking copy, ...)
+    raises a RuntimeError. `set_mode`: torch.cuda.set_sync_debug_mode.
     """
     set_mode = set_mode or torch.cuda.set_sync_debug_mode
     passes = 0
@@ -227,11 +228,22 @@ def dit_sync_check(
         if passes >= denoising_steps:
             set_mode("default")
 
+    update_cache = dit.update_cache
+
+    def checked_update_cache(*args: Any, **kwargs: Any) -> None:
+        set_mode("error")
+        try:
+            update_cache(*args, **kwargs)
+        finally:
+            set_mode("default")
+
     handles = [dit.register_forward_pre_hook(before_pass), dit.register_forward_hook(after_pass)]
+    dit.update_cache = checked_update_cache  # an instance attribute: it shadows the method until removed
     try:
         yield
     finally:
         set_mode("default")
+        del dit.update_cache
         for handle in handles:
             handle.remove()
 

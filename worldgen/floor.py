@@ -9,6 +9,7 @@ them: the matmul and attention kernels alone, back to back, with nothing else. T
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -93,21 +94,39 @@ def forward_ops(config: DiTConfig, *, frames: int, frame_tokens: int, kv_tokens:
     ]
 
 
+def update_cache_skips(config: DiTConfig, *, frames: int, frame_tokens: int, kv_tokens: int) -> list[Op]:
+    """What `CausalDiT.update_cache` leaves out of a forward: the last block after its K/V, and the head."""
+    dim, heads, head_dim = config.dim, config.num_heads, config.head_dim
+    tokens = frames * frame_tokens
+    return [
+        Matmul("linear", tokens, dim, dim, 4, fp8=True),  # self-attention q o, cross q o
+        Matmul("linear", tokens, dim, config.ffn_dim, fp8=True),
+        Matmul("linear", tokens, config.ffn_dim, dim, fp8=True),
+        Matmul("linear", tokens, dim, config.out_dim * math.prod(config.patch_size)),
+        AttentionCall("self_attention", tokens, kv_tokens, heads, head_dim),
+        AttentionCall("cross_attention", tokens, config.text_len, heads, head_dim),
+    ]
+
+
 def chunk_ops(
     config: DiTConfig, *, frames: int, frame_tokens: int, kv_tokens: int, passes: int, plain: bool
 ) -> list[Op]:
     """What the DiT computes for one chunk of `passes` forwards (4 denoising + 1 cache update).
 
-    The plain path recomputes everything in every pass; the fast path computes the camera modulation once
-    per chunk and the text K/V once per video (left out here: see `forward_ops`' `text` category).
+    The plain path recomputes everything in every pass and runs the cache update as a whole forward; the
+    fast path computes the camera modulation once per chunk and the text K/V once per video (left out
+    here: see `forward_ops`' `text` category), and cuts its cache update short (`update_cache_skips`).
     """
-    ops: list[Op] = []
-    for op in forward_ops(config, frames=frames, frame_tokens=frame_tokens, kv_tokens=kv_tokens):
+    shape = {"frames": frames, "frame_tokens": frame_tokens, "kv_tokens": kv_tokens}
+    counts: Counter[Op] = Counter()  # calls per chunk of each shape (an op with count 1)
+    for op in forward_ops(config, **shape):
         if plain or op.category in _PER_PASS:
-            ops.append(replace(op, count=op.count * passes))
+            counts[replace(op, count=1)] += op.count * passes
         elif op.category == "camera":
-            ops.append(op)
-    return ops
+            counts[replace(op, count=1)] += op.count
+    if not plain:
+        counts.subtract({replace(op, count=1): op.count for op in update_cache_skips(config, **shape)})
+    return [replace(op, count=count) for op, count in counts.items()]
 
 
 def flops_by_category(ops: Iterable[Op]) -> dict[str, int]:

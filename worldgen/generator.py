@@ -89,7 +89,7 @@ class EngineSettings:
     dtype: str | None = None  # DiT compute dtype; None: bfloat16 on CUDA, float32 on CPU
     # VAE dtype; None: float64 with a float64 DiT, float32 on the plain path and on CPU, else bfloat16.
     vae_dtype: str | None = None
-    attention: str = "auto"  # auto | cudnn | flash | efficient | math | default (PyTorch picks)
+    attention: str = "auto"  # auto | cudnn | flash | efficient | math | default (PyTorch picks) | fa4
     # The benchmark's yardstick: text K/V and camera modulation recomputed every pass, NCDHW Conv3d inputs.
     plain: bool = False
     compile: bool = False  # torch.compile every DiT block (worldgen/compile.py)
@@ -509,7 +509,10 @@ class Runtime:
                 control = dit.prepare_control(control)
             latent = self._denoise(y, control, first)
         with named_range("kv_cache_update_forward"), timer.stage("update_cache"):
-            dit(latent, 0, y, self.text, control, cache=self.cache, first_latent_frame=first)
+            if generator.settings.plain:  # a whole forward at timestep 0, its velocity discarded
+                dit(latent, 0, y, self.text, control, cache=self.cache, first_latent_frame=first)
+            else:  # the same K/V, without the work that only feeds the velocity
+                dit.update_cache(latent, y, self.text, control, cache=self.cache, first_latent_frame=first)
         self.next_chunk += 1
         if self.done:
             self._host_control.shutdown()

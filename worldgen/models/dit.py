@@ -12,7 +12,7 @@ Public API (what the generator calls)::
     for each chunk, latent frames [f0, f0 + F):
         control = model.prepare_control(control_chunk)       # once per chunk; [B, control_channels, F, h, w]
         4 denoising passes:  v = model(x, t, y, text, control, cache=cache, first_latent_frame=f0)
-        1 cache-update pass: model(x0, 0, y, text, control, cache=cache, first_latent_frame=f0)
+        1 cache-update pass: model.update_cache(x0, y, text, control, cache=cache, first_latent_frame=f0)
 
 - `x` [B, 16, F, h, w] is the chunk's latent (noisy, or clean for the cache update), `y` [B, 20, F, h, w]
   the chunk's slice of cat[mask, conditioning latent], `t` a number, a [B] tensor or a per-frame [B, F]
@@ -20,6 +20,9 @@ Public API (what the generator calls)::
   the model is float64).
 - The first pass at `first_latent_frame == cache.end_frame` opens a new chunk in the cache (evicting the
   oldest window frames); passes repeating that chunk overwrite its slots. No pass flag is needed.
+- `update_cache` is the forward at timestep 0 cut to what the cache keeps: every block's K/V. The last
+  block stops after writing its K/V (its attention, cross-attention and FFN, and the head, feed only the
+  velocity, which the cache update discards). `model(x0, 0, ...)` writes the same cache.
 - Plain path (the benchmark yardstick): pass the raw `context` tensor and/or the raw control tensor
   instead of the prepared states; the forward then recomputes the text embedding, every block's text K/V,
   the control tokens and every block's camera modulation inside the pass. Outputs are identical.
@@ -188,12 +191,14 @@ class SelfAttention(_Attention):
     def forward(self, x: Tensor, ctx: _PassContext) -> Tensor:
         """x [B, F, S, dim] -> [B, F, S, dim]: attends to the cache (and this pass's frames) or, without a
         cache, to the frames of x under `ctx.mask`."""
-        dtype = self.q.output_dtype
         tokens = x.flatten(1, 2)
-        query = apply_rope(self._heads(self.norm_q(self.q(tokens))), *ctx.rope).to(dtype)
-        key = apply_rope(self._heads(self.norm_k(self.k(tokens))), *ctx.rope).to(dtype)
-        value = self._heads(self.v(tokens))
-        return self._output(self.attend(query, key, value, ctx), x.shape)
+        query = apply_rope(self._heads(self.norm_q(self.q(tokens))), *ctx.rope).to(self.q.output_dtype)
+        return self._output(self.attend(query, *self.key_value(tokens, ctx), ctx), x.shape)
+
+    def key_value(self, tokens: Tensor, ctx: _PassContext) -> tuple[Tensor, Tensor]:
+        """Tokens [B, L, dim] -> this pass's K (normed, rotated) and V, [B, L, heads, head_dim] each."""
+        key = apply_rope(self._heads(self.norm_k(self.k(tokens))), *ctx.rope).to(self.k.output_dtype)
+        return key, self._heads(self.v(tokens))
 
     # The cache cursors are host ints that change from chunk to chunk (slots, visible length), and this
     # layer's index differs from block to block: a compiled block (worldgen/compile.py) that traced them
@@ -258,6 +263,13 @@ class DiTBlock(nn.Module):
         x = x * (1 + _upcast(cam_scale)) + cam_shift
         x = x + self.cross_attn(self.norm3(x), text_kv, ctx.backend)
         return x + gate_mlp * self.ffn(_modulate(x, shift_mlp, scale_mlp, self.eps))
+
+    def write_kv(self, x: Tensor, time_mod: Tensor, ctx: _PassContext) -> None:
+        """The start of `forward`: write this pass's K/V of x into the cache, and stop there."""
+        assert ctx.cache is not None
+        shift_msa, scale_msa = (self.modulation[:, :2] + time_mod[:, :, :2]).unsqueeze(3).unbind(2)
+        tokens = _modulate(x, shift_msa, scale_msa, self.eps).flatten(1, 2)
+        ctx.cache.update(self.self_attn.layer, *self.self_attn.key_value(tokens, ctx))
 
 
 class Head(nn.Module):
@@ -396,24 +408,62 @@ class CausalDiT(nn.Module):
     ) -> Tensor:
         """Velocity [B, out_dim, F, h, w] for the latent x of the same shape (see the module docstring)."""
         grid = self._check_inputs(x, y, cache, attn_mask)
-        # The plain path: recompute the text and control states inside this pass.
+        text, control = self._states(text, control, x.shape[0], grid)
+        stream, time_emb, time_mod, ctx = self._begin_pass(
+            x, timestep, y, grid, cache, first_latent_frame, attn_mask
+        )
+        for block, text_kv, camera in zip(self.blocks, text.kv, control.modulation, strict=True):
+            stream = block(stream, time_mod, text_kv, camera, ctx)
+        return self._unpatchify(_upcast(self.head(stream, time_emb)), grid)
+
+    def update_cache(
+        self,
+        x: Tensor,
+        y: Tensor,
+        text: TextState | Tensor,
+        control: ControlState | Tensor,
+        *,
+        cache: KVCache,
+        first_latent_frame: int,
+    ) -> None:
+        """The cache-update pass: the chunk's clean latent x at timestep 0 writes every block's K/V."""
+        grid = self._check_inputs(x, y, cache, None)
+        text, control = self._states(text, control, x.shape[0], grid)
+        stream, _, time_mod, ctx = self._begin_pass(x, 0.0, y, grid, cache, first_latent_frame, None)
+        *blocks, last = self.blocks
+        for block, text_kv, camera in zip(blocks, text.kv[:-1], control.modulation[:-1], strict=True):
+            stream = block(stream, time_mod, text_kv, camera, ctx)
+        last.write_kv(stream, time_mod, ctx)
+
+    def _states(
+        self, text: TextState | Tensor, control: ControlState | Tensor, batch: int, grid: tuple[int, int, int]
+    ) -> tuple[TextState, ControlState]:
+        # The plain path passes raw tensors: recompute the text and control states inside this pass.
         text = self.prepare_text(text) if isinstance(text, Tensor) else text
         control = self.prepare_control(control) if isinstance(control, Tensor) else control
-        self._check_states(text, control, x.shape[0], grid)
+        self._check_states(text, control, batch, grid)
+        return text, control
 
+    def _begin_pass(
+        self,
+        x: Tensor,
+        timestep: float | Tensor,
+        y: Tensor,
+        grid: tuple[int, int, int],
+        cache: KVCache | None,
+        first_latent_frame: int,
+        attn_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, _PassContext]:
+        """Patch-embed [x, y]; the time embedding and modulation tables; RoPE; open the pass in the cache."""
         patches = self.patch_embedding(torch.cat([x, y], dim=1))  # [B, dim, F, h', w']
         stream = _upcast(patches.flatten(3).permute(0, 2, 3, 1)).contiguous()  # [B, F, S, dim]
         sinusoid = sinusoidal_embedding(self._frame_timesteps(timestep, x), self.config.freq_dim)
         time_emb = _upcast(self.time_embedding(sinusoid))  # [B, F, dim]
         time_mod = _upcast(self.time_projection(time_emb)).unflatten(-1, (6, self.config.dim))
-
         rope = rope_tables(self.config.head_dim, first_latent_frame, grid, x.device, stream.dtype)
         if cache is not None:
             cache.begin_pass(first_latent_frame, grid[0])
-        ctx = _PassContext(rope, cache, attn_mask, self.attention_backend)
-        for block, text_kv, camera in zip(self.blocks, text.kv, control.modulation, strict=True):
-            stream = block(stream, time_mod, text_kv, camera, ctx)
-        return self._unpatchify(_upcast(self.head(stream, time_emb)), grid)
+        return stream, time_emb, time_mod, _PassContext(rope, cache, attn_mask, self.attention_backend)
 
     def _check_inputs(
         self, x: Tensor, y: Tensor, cache: KVCache | None, attn_mask: Tensor | None
