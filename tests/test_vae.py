@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from worldgen.config import VAEConfig, get_preset
-from worldgen.models.vae import WanVAE, to_uint8_frames
+from worldgen.models.vae import RMSNorm, WanVAE, to_uint8_frames
 
 TINY = get_preset("tiny").vae
 LATENT_FRAMES = 4  # chunks of 1, 2, 3 split it as 1+1+1+1, 2+2, 3+1
@@ -110,6 +111,22 @@ class _Conv3dLayouts(TorchFunctionMode):
             layout = torch.channels_last_3d
             self.channels_last.append(all(t.is_contiguous(memory_format=layout) for t in args[:2]))
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_channels_last_rms_norm_is_the_checkpoints_normalize(spatial_dims: int) -> None:
+    norm = RMSNorm(6, spatial_dims).double()
+    with torch.no_grad():
+        norm.gamma.normal_()
+    layout = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+    x = torch.randn(2, 6, *(3,) * spatial_dims, dtype=torch.float64).contiguous(memory_format=layout)
+    x[0, :, 0] = 0.0  # zero channel vectors stay zero, as normalize leaves them
+    x[1, :, 0] *= 1e-6  # small ones are scaled up to unit RMS like any other
+    expected = F.normalize(x, dim=1) * 6**0.5 * norm.gamma
+    norm.channels_last = True
+    fused = norm(x)
+    assert fused.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_channels_last_path_equals_plain_path() -> None:

@@ -77,14 +77,26 @@ class CausalConv3d(nn.Conv3d):
 
 
 class RMSNorm(nn.Module):
-    """Scale each position's channel vector to unit RMS, times a learned per-channel gain."""
+    """Scale each position's channel vector to unit RMS, times a learned per-channel gain.
+
+    The checkpoint's form is `normalize(x, dim=1) * sqrt(C) * gamma`: a norm reduction and three passes that
+    broadcast over the channels (about 60 ms of a 0.19 s bf16 chunk decode on H200). With `channels_last`
+    (set by `WanVAE.set_channels_last`) the channels are innermost in memory, so the same function runs as
+    one `F.rms_norm` over the last dim of a permuted view: x * rsqrt(mean(x^2) + eps) * gamma, with eps
+    standing in for normalize's 1e-12 clamp on the norm.
+    """
 
     def __init__(self, dim: int, spatial_dims: int) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
         self.scale = dim**0.5
+        self.eps = 1e-24 / dim  # (1e-12)^2 / C: normalize's clamp, on the mean square
+        self.channels_last = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            normed = F.rms_norm(x.movedim(1, -1), (x.shape[1],), self.gamma.flatten(), self.eps)
+            return normed.movedim(-1, 1)
         return F.normalize(x, dim=1) * self.scale * self.gamma
 
 
@@ -330,6 +342,8 @@ class WanVAE(nn.Module):
                 module.weight.data = module.weight.data.contiguous(memory_format=layout)
                 if isinstance(module, CausalConv3d):
                     module.memory_format = layout
+            elif isinstance(module, RMSNorm):
+                module.channels_last = enabled
 
     def converted(self, dtype: torch.dtype) -> WanVAE:
         """A copy of this VAE with its weights in `dtype` (statistics rebuilt, layout kept); this one is
