@@ -18,7 +18,14 @@ import pytest
 import torch
 
 from worldgen.config import get_preset
-from worldgen.models.attention import FA4_MIN_KEYS, attention, check_backend, fa4_usable, visibility_mask
+from worldgen.models.attention import (
+    FA4_MIN_KEYS,
+    attention,
+    check_backend,
+    fa4_supports,
+    fa4_usable,
+    visibility_mask,
+)
 from worldgen.models.dit import CausalDiT, apply_rope, rope_split, rope_tables, sinusoidal_embedding
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -118,8 +125,11 @@ def test_attention_backends() -> None:
 
 def test_fa4_backend_refuses_what_it_cannot_run() -> None:
     q = torch.randn(1, 4, 2, 8)
-    with pytest.raises(RuntimeError, match="attention backend 'fa4' needs a CUDA device, got cpu"):
+    with pytest.raises(
+        RuntimeError, match=r"'fa4' needs CUDA tensors in float16 or bfloat16 .* got cpu torch.float32"
+    ):
         attention(q, q, q, "fa4")
+    assert not fa4_usable(q.device) and not fa4_supports(q)  # `auto` never takes it here
     with pytest.raises(ValueError, match="'fa4' takes no mask"):
         attention(q, q, q, "fa4", mask=torch.ones(4, 4, dtype=torch.bool))
 
@@ -128,7 +138,7 @@ def test_fa4_backend_refuses_what_it_cannot_run() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @torch.no_grad()
 def test_fa4_backend_matches_exact_attention_and_auto_takes_it_for_long_keys() -> None:
-    if not fa4_usable():
+    if not fa4_usable(torch.device("cuda")):
         pytest.skip("needs the flash-attn-4 package and a Hopper or Blackwell GPU")
     generator = torch.Generator(device="cuda").manual_seed(2)
     # 3 frames of 130 queries against 7 frames of keys: lengths that are no multiple of the kernel's tiles
@@ -145,6 +155,17 @@ def test_fa4_backend_matches_exact_attention_and_auto_takes_it_for_long_keys() -
     assert k.shape[1] < FA4_MIN_KEYS <= long_keys[1].shape[1]
     assert torch.equal(attention(*long_keys, "auto"), attention(*long_keys, "fa4"))
     assert torch.equal(attention(*bf16, "auto"), attention(*bf16, "cudnn"))
+    # float32 never reaches FA4 (it takes fp16 and bf16 only): `auto` falls back to SDPA.
+    long32 = [t.float() for t in long_keys]
+    torch.testing.assert_close(attention(*long32, "auto"), attention(*long32, "math"), rtol=1e-4, atol=1e-4)
+
+    # Batch 2 with K/V the visible part of a longer buffer, as the rolling cache hands them over.
+    buffer = torch.randn(2, 1200, 4, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
+    query = torch.randn(2, 390, 4, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
+    key, value = buffer[:, :910], buffer[:, 290:1200]
+    expected = attention(query.float(), key.float(), value.float(), "math")
+    error = (attention(query, key, value, "fa4").float() - expected).norm() / expected.norm()
+    assert error < 1e-2, error
 
 
 # ------------------------------------------------------------------------------------- tiny model rollouts
@@ -250,6 +271,14 @@ def test_update_cache_writes_what_the_whole_timestep_0_forward_writes() -> None:
     for expected, call in zip(denoising, kv_only, strict=True):
         assert torch.equal(call.velocity, expected.velocity)
     assert all(torch.equal(a, b) for a, b in zip(kv_only_chunks, whole_chunks, strict=True))
+
+
+def test_update_cache_needs_a_cache() -> None:
+    model = _tiny_model()
+    inputs = _inputs(model, 3)
+    text, control = model.prepare_text(inputs.context), model.prepare_control(inputs.control)
+    with pytest.raises(ValueError, match="update_cache needs the KV cache to write, got NoneType"):
+        model.update_cache(inputs.noise, inputs.y, text, control, cache=None, first_latent_frame=0)
 
 
 def _full_sequence(

@@ -216,6 +216,10 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
         EngineSettings(fp8=True).resolved()  # a CPU defaults to float32
     with pytest.raises(ValueError, match="plain path"):
         EngineSettings(plain=True, compile=True).resolved()
+    with pytest.raises(ValueError, match="'fa4' runs a bfloat16 model on CUDA, not bfloat16 on cpu"):
+        EngineSettings(dtype="bfloat16", attention="fa4").resolved()
+    with pytest.raises(ValueError, match="unknown attention backend 'fa3'"):
+        EngineSettings(attention="fa3").resolved()
     fp8 = ChunkedGenerator(EngineSettings(model="tiny", dtype="bfloat16", fp8=True))
     result = render_job(fp8, tiny_job(), tmp_path, progress=False)
     table = read_timings(tmp_path / "tiny" / TIMINGS)

@@ -243,9 +243,9 @@ def dit_sync_check(
         yield
     finally:
         set_mode("default")
-        del dit.update_cache
         for handle in handles:
             handle.remove()
+        vars(dit).pop("update_cache", None)
 
 
 def _where(error: BaseException) -> str:

@@ -124,9 +124,9 @@ def chunk_ops(
             counts[replace(op, count=1)] += op.count * passes
         elif op.category == "camera":
             counts[replace(op, count=1)] += op.count
-    if not plain:
+    if not plain:  # `passes` includes the one cache update
         counts.subtract({replace(op, count=1): op.count for op in update_cache_skips(config, **shape)})
-    return [replace(op, count=count) for op, count in counts.items()]
+    return [replace(op, count=count) for op, count in counts.items() if count > 0]
 
 
 def flops_by_category(ops: Iterable[Op]) -> dict[str, int]:

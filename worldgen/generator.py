@@ -51,6 +51,7 @@ from worldgen.control import (
     output_size,
     video_frame_count,
 )
+from worldgen.models.attention import check_backend
 from worldgen.models.dit import CausalDiT
 from worldgen.models.random_init import materialize_random, random_dit, random_vae
 from worldgen.models.text import (
@@ -112,6 +113,8 @@ class EngineSettings:
             )
         if self.fp8 and dtype != "bfloat16":
             raise ValueError(f"fp8 layers run in a bfloat16 model, not {dtype}")
+        if check_backend(self.attention) == "fa4" and (device.type != "cuda" or dtype != "bfloat16"):
+            raise ValueError(f"attention 'fa4' runs a bfloat16 model on CUDA, not {dtype} on {device.type}")
         if self.plain and (self.compile or self.fp8):
             raise ValueError("the plain path is the uncompiled bf16 yardstick: no compile, no fp8")
         if self.plain and vae_dtype == "bfloat16":

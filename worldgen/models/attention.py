@@ -21,7 +21,7 @@ against.
 from __future__ import annotations
 
 import functools
-import importlib.util
+import warnings
 from typing import Literal, get_args
 
 import torch
@@ -51,6 +51,7 @@ _CUDA_PRIORITY = [
 # `auto` uses FlashAttention-4 from this many keys on (H200: 0.159 ms against cuDNN's 0.131 ms at 512
 # keys, 0.75 against 1.01 ms at 4680, both with 4680 queries and 40 heads of 128).
 FA4_MIN_KEYS = 2048
+_FA4_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def check_backend(backend: str) -> AttentionBackend:
@@ -71,7 +72,11 @@ def attention(
     if backend == "fa4" and mask is not None:
         raise ValueError("attention backend 'fa4' takes no mask; use 'math' for the masked oracle")
     if backend == "fa4" or (
-        backend == "auto" and mask is None and query.is_cuda and key.shape[1] >= FA4_MIN_KEYS and fa4_usable()
+        backend == "auto"
+        and mask is None
+        and key.shape[1] >= FA4_MIN_KEYS
+        and fa4_supports(query)
+        and fa4_usable(query.device)
     ):
         return fa4_attention(query, key, value)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
@@ -86,34 +91,49 @@ def attention(
     return out.transpose(1, 2)
 
 
+def fa4_supports(query: Tensor) -> bool:
+    """The inputs FlashAttention-4's kernels take: CUDA, fp16 or bf16, head_dim a multiple of 8 up to 256."""
+    head_dim = query.shape[-1]
+    return query.is_cuda and query.dtype in _FA4_DTYPES and head_dim % 8 == 0 and head_dim <= 256
+
+
 @torch.compiler.assume_constant_result  # a compiled block asks once, at trace time
-def fa4_usable() -> bool:
-    """True when FlashAttention-4 can run here: a Hopper or Blackwell GPU and the flash-attn-4 package."""
-    return _fa4_usable()
+def fa4_usable(device: torch.device) -> bool:
+    """True when FlashAttention-4 can run on `device`: a Hopper or Blackwell GPU, and flash-attn-4 imports."""
+    return device.type == "cuda" and _fa4_usable(torch.cuda.get_device_capability(device)[0])
 
 
 @functools.cache
-def _fa4_usable() -> bool:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
+def _fa4_usable(capability_major: int) -> bool:
+    if capability_major not in (9, 10):
         return False
     try:
-        return importlib.util.find_spec("flash_attn.cute") is not None
-    except ImportError:  # no flash_attn package at all
+        import flash_attn.cute  # noqa: F401
+    except Exception as error:
+        if not (isinstance(error, ModuleNotFoundError) and error.name in ("flash_attn", "flash_attn.cute")):
+            # Installed but broken: a missing dependency, a CUDA build that does not match, ...
+            warnings.warn(f"flash-attn-4 does not import ({error}); attention uses cuDNN", stacklevel=2)
         return False
+    return True
 
 
 @torch.library.custom_op("worldgen::fa4_attention", mutates_args=())
 def fa4_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     """FlashAttention-4 forward, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D], softmax scale 1/sqrt(D)."""
-    if query.device.type != "cuda":
-        raise RuntimeError(f"attention backend 'fa4' needs a CUDA device, got {query.device.type}")
+    if not fa4_supports(query):
+        raise RuntimeError(
+            "attention backend 'fa4' needs CUDA tensors in float16 or bfloat16 with head_dim a multiple of 8 "
+            f"up to 256, got {query.device.type} {query.dtype} head_dim {query.shape[-1]}"
+        )
     try:
         from flash_attn.cute import flash_attn_func
     except ImportError as error:
         raise RuntimeError(
             f"attention backend 'fa4' needs the flash-attn-4 package (pip install 'worldgen[fa4]'): {error}"
         ) from error
-    return flash_attn_func(query, key, value)[0]
+    # A custom op gets no device guard, and the kernel launches on the current device's stream.
+    with torch.cuda.device(query.device):
+        return flash_attn_func(query, key, value)[0]
 
 
 @fa4_attention.register_fake

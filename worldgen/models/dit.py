@@ -254,22 +254,23 @@ class DiTBlock(nn.Module):
         ctx: _PassContext,
     ) -> Tensor:
         """x [B, F, S, dim] residual stream; time_mod [B, F, 6, dim] time projection of each frame."""
-        # [B, F, 1, dim] each: one modulation per frame, broadcast over the frame's tokens.
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            (self.modulation + time_mod).unsqueeze(3).unbind(2)
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self._modulation(time_mod)
         x = x + gate_msa * self.self_attn(_modulate(x, shift_msa, scale_msa, self.eps), ctx)
         cam_scale, cam_shift = camera
         x = x * (1 + _upcast(cam_scale)) + cam_shift
         x = x + self.cross_attn(self.norm3(x), text_kv, ctx.backend)
         return x + gate_mlp * self.ffn(_modulate(x, shift_mlp, scale_mlp, self.eps))
 
-    def write_kv(self, x: Tensor, time_mod: Tensor, ctx: _PassContext) -> None:
+    def write_kv(self, x: Tensor, time_mod: Tensor, cache: KVCache, ctx: _PassContext) -> None:
         """The start of `forward`: write this pass's K/V of x into the cache, and stop there."""
-        assert ctx.cache is not None
-        shift_msa, scale_msa = (self.modulation[:, :2] + time_mod[:, :, :2]).unsqueeze(3).unbind(2)
+        shift_msa, scale_msa, *_ = self._modulation(time_mod)
         tokens = _modulate(x, shift_msa, scale_msa, self.eps).flatten(1, 2)
-        ctx.cache.update(self.self_attn.layer, *self.self_attn.key_value(tokens, ctx))
+        cache.update(self.self_attn.layer, *self.self_attn.key_value(tokens, ctx))
+
+    def _modulation(self, time_mod: Tensor) -> tuple[Tensor, ...]:
+        """Shift, scale and gate of self-attention, then of the FFN: [B, F, 1, dim] each, one per frame,
+        broadcast over the frame's tokens."""
+        return (self.modulation + time_mod).unsqueeze(3).unbind(2)
 
 
 class Head(nn.Module):
@@ -426,14 +427,21 @@ class CausalDiT(nn.Module):
         cache: KVCache,
         first_latent_frame: int,
     ) -> None:
-        """The cache-update pass: the chunk's clean latent x at timestep 0 writes every block's K/V."""
+        """The cache-update pass: the chunk's clean latent x at timestep 0 writes every block's K/V.
+
+        Uncompiled, it writes exactly what `model(x, 0, ...)` writes. With compiled blocks
+        (worldgen/compile.py) the last block's K/V come from eager ops (its `forward` is what is compiled),
+        so they may differ from the compiled forward's by rounding.
+        """
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"update_cache needs the KV cache to write, got {type(cache).__name__}")
         grid = self._check_inputs(x, y, cache, None)
         text, control = self._states(text, control, x.shape[0], grid)
         stream, _, time_mod, ctx = self._begin_pass(x, 0.0, y, grid, cache, first_latent_frame, None)
         *blocks, last = self.blocks
         for block, text_kv, camera in zip(blocks, text.kv[:-1], control.modulation[:-1], strict=True):
             stream = block(stream, time_mod, text_kv, camera, ctx)
-        last.write_kv(stream, time_mod, ctx)
+        last.write_kv(stream, time_mod, cache, ctx)
 
     def _states(
         self, text: TextState | Tensor, control: ControlState | Tensor, batch: int, grid: tuple[int, int, int]
