@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import worldgen.models.attention as attention_module
 from worldgen.config import get_preset
 from worldgen.models.attention import (
     FA4_MIN_KEYS,
@@ -132,6 +133,27 @@ def test_fa4_backend_refuses_what_it_cannot_run() -> None:
     assert not fa4_usable(q.device) and not fa4_supports(q)  # `auto` never takes it here
     with pytest.raises(ValueError, match="'fa4' takes no mask"):
         attention(q, q, q, "fa4", mask=torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_auto_takes_fa4_for_long_unmasked_keys_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routing alone, on a CPU: FA4's checks say yes, and the kernel is replaced by a recorder."""
+    keys_seen: list[int] = []
+
+    def recorder(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        keys_seen.append(key.shape[1])
+        return torch.zeros_like(query)
+
+    monkeypatch.setattr(attention_module, "fa4_supports", lambda query: True)
+    monkeypatch.setattr(attention_module, "fa4_usable", lambda device: True)
+    monkeypatch.setattr(attention_module, "fa4_attention", recorder)
+    q = torch.randn(1, 4, 2, 8)
+    long, short = torch.randn(1, FA4_MIN_KEYS, 2, 8), torch.randn(1, FA4_MIN_KEYS - 1, 2, 8)
+    assert not attention(q, long, long, "auto").any()
+    attention(q, short, short, "auto")  # short keys: SDPA
+    attention(q, long, long, "auto", mask=torch.ones(4, FA4_MIN_KEYS, dtype=torch.bool))  # masked: SDPA
+    attention(q, long, long, "math")  # a named SDPA backend is kept
+    attention(q, short, short, "fa4")  # forced, whatever the length
+    assert keys_seen == [FA4_MIN_KEYS, FA4_MIN_KEYS - 1]
 
 
 @pytest.mark.gpu
