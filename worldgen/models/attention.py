@@ -100,12 +100,12 @@ def fa4_supports(query: Tensor) -> bool:
 @torch.compiler.assume_constant_result  # a compiled block asks once, at trace time
 def fa4_usable(device: torch.device) -> bool:
     """True when FlashAttention-4 can run on `device`: a Hopper or Blackwell GPU, and flash-attn-4 imports."""
-    return device.type == "cuda" and _fa4_usable(torch.cuda.get_device_capability(device)[0])
+    return device.type == "cuda" and _fa4_usable(device)
 
 
-@functools.cache
-def _fa4_usable(capability_major: int) -> bool:
-    if capability_major not in (9, 10):
+@functools.cache  # asked before every eager self-attention call: the device query and the import run once
+def _fa4_usable(device: torch.device) -> bool:
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return False
     try:
         import flash_attn.cute  # noqa: F401
