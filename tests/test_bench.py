@@ -161,6 +161,26 @@ def test_kernel_clock_measures_each_shape_once_and_sums_the_floor() -> None:
     assert [(a["backend"], a["keys"]) for a in table["attention"]] == [("default", 24)]
 
 
+def test_kernel_clock_times_fp8_self_attention_on_e4m3_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backend fp8 keeps the cache in e4m3: its self-attention is timed so, its cross-attention in bf16."""
+    seen: list[tuple[str, torch.dtype, torch.dtype]] = []
+
+    def recorder(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str) -> torch.Tensor:
+        seen.append((backend, query.dtype, key.dtype))
+        return query
+
+    monkeypatch.setattr("worldgen.floor.attention", recorder)
+    clock = KernelClock(torch.device("cpu"), torch.bfloat16, calls=1)
+    for backend in ("fp8", "auto"):
+        for category in ("self_attention", "cross_attention"):
+            clock.seconds(AttentionCall(category, 8, 24, 2, 8), backend)
+    e4m3, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    assert set(seen) == {("fp8", e4m3, e4m3), ("fp8", bf16, bf16), ("auto", bf16, bf16)}
+    table = clock.to_dict()["attention"]
+    assert [(a["backend"], a["dtype"]) for a in table] == [("fp8", "float8_e4m3fn"), ("fp8", "bfloat16"),
+                                                          ("auto", "bfloat16")]  # fmt: skip
+
+
 def test_fp8_matmuls_are_the_layers_fp8_quantises() -> None:
     dit = quantize_dit(random_dit(TINY.dit, "cpu", torch.bfloat16, seed=0))
     quantised = sorted((m.in_features, m.out_features) for m in dit.modules() if isinstance(m, Fp8Linear))

@@ -22,3 +22,10 @@ def test_console_entry_point_runs_as_a_module():
         [sys.executable, "-m", "worldgen.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert done.stdout.startswith("worldgen ")
+
+
+def test_attention_help_names_every_backend():
+    from worldgen.cli import ATTENTION_HELP
+    from worldgen.models.attention import ATTENTION_BACKENDS
+
+    assert ATTENTION_HELP.split("|") == list(ATTENTION_BACKENDS)

@@ -23,15 +23,20 @@ from worldgen.models.attention import (
     FA4_MIN_KEYS,
     attention,
     check_backend,
-    fa4_supports,
-    fa4_usable,
+    flash_supports,
+    flash_usable,
     visibility_mask,
 )
 from worldgen.models.dit import CausalDiT, apply_rope, rope_split, rope_tables, sinusoidal_embedding
+from worldgen.models.kv_cache import E4M3, KVCache, to_e4m3
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 TIMESTEPS = (999.0, 978.0, 947.0, 825.0)
 LATENT_HW = (4, 6)  # 2 x 3 tokens per latent frame
+TINY_CACHE = {
+    "batch_size": 1, "latent_height": 4, "latent_width": 6, "chunk_size": 1, "local_attn_size": -1,
+    "sink_size": 0, "num_frames": 2,
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- checkpoint layout
@@ -124,28 +129,36 @@ def test_attention_backends() -> None:
         torch.testing.assert_close(attention(q, k, v, backend), expected)
 
 
-def test_fa4_backend_refuses_what_it_cannot_run() -> None:
+def test_flash_backends_refuse_what_they_cannot_run() -> None:
     q = torch.randn(1, 4, 2, 8)
-    with pytest.raises(
-        RuntimeError, match=r"'fa4' needs CUDA tensors in float16 or bfloat16 .* got cpu torch.float32"
-    ):
+    with pytest.raises(RuntimeError, match=r"4 \(backend 'fa4'\) needs CUDA tensors in float16 or bfloat16 "):
         attention(q, q, q, "fa4")
-    assert not fa4_usable(q.device) and not fa4_supports(q)  # `auto` never takes it here
-    with pytest.raises(ValueError, match="'fa4' takes no mask"):
-        attention(q, q, q, "fa4", mask=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"3 \(backends 'fa3' and 'fp8'\) needs CUDA tensors in bfloat16 "):
+        attention(q, q, q, "fa3")
+    for kernel in ("fa4", "fa3"):  # `auto` never takes them here
+        assert not flash_usable(kernel, q.device) and not flash_supports(kernel, q)
+        with pytest.raises(ValueError, match=f"attention with '{kernel}' takes no mask"):
+            attention(q, q, q, kernel, mask=torch.ones(4, 4, dtype=torch.bool))  # type: ignore[arg-type]
+    # e4m3 inputs (backend fp8's cache) have one kernel, FlashAttention-3's, whatever the backend asked.
+    with pytest.raises(RuntimeError, match=r"FlashAttention-3 .* needs CUDA .* got cpu torch.float8_e4m3fn"):
+        attention(q.to(E4M3), q.to(E4M3), q.to(E4M3), "cudnn")
 
 
-def test_auto_takes_fa4_for_long_unmasked_keys_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The routing alone, on a CPU: FA4's checks say yes, and the kernel is replaced by a recorder."""
-    keys_seen: list[int] = []
+def test_attention_routes_to_the_flash_kernels_where_they_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routing alone, on a CPU: the flash kernels' checks say yes, and the kernels are recorders."""
+    seen: list[tuple[str, int]] = []
 
-    def recorder(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        keys_seen.append(key.shape[1])
-        return torch.zeros_like(query)
+    def recorder(kernel: str):
+        def record(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            seen.append((kernel, key.shape[1]))
+            return torch.zeros(query.shape, dtype=torch.float32)
 
-    monkeypatch.setattr(attention_module, "fa4_supports", lambda query: True)
-    monkeypatch.setattr(attention_module, "fa4_usable", lambda device: True)
-    monkeypatch.setattr(attention_module, "fa4_attention", recorder)
+        return record
+
+    monkeypatch.setattr(attention_module, "flash_supports", lambda kernel, query: True)
+    monkeypatch.setattr(attention_module, "flash_usable", lambda kernel, device: True)
+    monkeypatch.setattr(attention_module, "fa4_attention", recorder("fa4"))
+    monkeypatch.setattr(attention_module, "fa3_attention", recorder("fa3"))
     q = torch.randn(1, 4, 2, 8)
     long, short = torch.randn(1, FA4_MIN_KEYS, 2, 8), torch.randn(1, FA4_MIN_KEYS - 1, 2, 8)
     assert not attention(q, long, long, "auto").any()
@@ -153,14 +166,61 @@ def test_auto_takes_fa4_for_long_unmasked_keys_where_it_can_run(monkeypatch: pyt
     attention(q, long, long, "auto", mask=torch.ones(4, FA4_MIN_KEYS, dtype=torch.bool))  # masked: SDPA
     attention(q, long, long, "math")  # a named SDPA backend is kept
     attention(q, short, short, "fa4")  # forced, whatever the length
-    assert keys_seen == [FA4_MIN_KEYS, FA4_MIN_KEYS - 1]
+    attention(q, short, short, "fa3")
+    attention(q, long, long, "fp8")  # wider inputs under `fp8`: as `auto`
+    attention(q, short, short, "fp8")
+    eight_bit = short.to(E4M3)
+    attention(q.to(E4M3), eight_bit, eight_bit, "fp8")  # e4m3: FlashAttention-3
+    assert seen == [
+        ("fa4", FA4_MIN_KEYS), ("fa4", FA4_MIN_KEYS - 1), ("fa3", FA4_MIN_KEYS - 1), ("fa4", FA4_MIN_KEYS),
+        ("fa3", FA4_MIN_KEYS - 1),
+    ]  # fmt: skip
+
+
+def test_fp8_attention_keeps_an_e4m3_cache_that_saturates() -> None:
+    model = _tiny_model(torch.float32)
+    assert model.make_kv_cache(**TINY_CACHE).keys.dtype == torch.float32
+    model.attention_backend = "fp8"
+    cache = model.make_kv_cache(**TINY_CACHE)
+    assert cache.keys.dtype == cache.values.dtype == E4M3
+    cache.begin_pass(0, 1)
+    key = torch.full((1, 6, 2, 32), 1000.0)
+    value = torch.linspace(-3, 3, 6 * 2 * 32).reshape(1, 6, 2, 32)
+    keys, values = cache.update(0, key, value)
+    assert keys.dtype == E4M3 and torch.equal(keys.float(), torch.full_like(key, 448.0))  # saturated
+    torch.testing.assert_close(values.float(), value, rtol=2**-4, atol=2**-9)  # e4m3: 3 mantissa bits
+    # (A CPU's cast saturates by itself; the GPU test checks the clamp that CUDA's cast needs.)
+
+
+def test_fp8_attention_hands_e4m3_queries_keys_and_values_to_flashattention3(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a CPU, with FlashAttention-3 replaced by a recorder: the cached passes' self-attention is e4m3."""
+    seen: list[tuple[torch.dtype, ...]] = []
+
+    def recorder(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return torch.zeros(query.shape, dtype=torch.bfloat16)
+
+    monkeypatch.setattr(attention_module, "fa3_attention", recorder)
+    model = _tiny_model(torch.float32)
+    model.attention_backend = "fp8"
+    inputs = _inputs(model, 1, torch.float32)
+    cache = model.make_kv_cache(**TINY_CACHE)
+    text, control = model.prepare_text(inputs.context), model.prepare_control(inputs.control)
+    with torch.no_grad():
+        model(inputs.noise, 999.0, inputs.y, text, control, cache=cache, first_latent_frame=0)
+        model.update_cache(inputs.noise, inputs.y, text, control, cache=cache, first_latent_frame=0)
+    layers = model.config.num_layers
+    assert seen == [(E4M3, E4M3, E4M3)] * (2 * layers - 1)  # the cache update's last block only writes
+    assert cache.keys.dtype == E4M3 and cache.keys[-1].float().abs().sum() > 0
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @torch.no_grad()
 def test_fa4_backend_matches_exact_attention_and_auto_takes_it_for_long_keys() -> None:
-    if not fa4_usable(torch.device("cuda")):
+    if not flash_usable("fa4", torch.device("cuda")):
         pytest.skip("needs the flash-attn-4 package and a Hopper or Blackwell GPU")
     generator = torch.Generator(device="cuda").manual_seed(2)
     # 3 frames of 130 queries against 7 frames of keys: lengths that are no multiple of the kernel's tiles
@@ -188,6 +248,66 @@ def test_fa4_backend_matches_exact_attention_and_auto_takes_it_for_long_keys() -
     expected = attention(query.float(), key.float(), value.float(), "math")
     error = (attention(query, key, value, "fa4").float() - expected).norm() / expected.norm()
     assert error < 1e-2, error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_fa3_kernels_match_exact_attention_in_bf16_and_e4m3() -> None:
+    if not flash_usable("fa3", torch.device("cuda")):
+        pytest.skip("needs the fa3-fwd package and a Hopper GPU")
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    # Batch 2, K/V the visible part of a longer buffer (as the rolling cache hands them over), lengths that
+    # are no multiple of the kernel's tiles.
+    buffer = torch.randn(2, 1200, 4, 128, device="cuda", generator=generator)
+    query = torch.randn(2, 390, 4, 128, device="cuda", generator=generator)
+    key, value = buffer[:, :910], buffer[:, 290:1200]
+    expected = attention(query, key, value, "math")
+
+    def error(result: torch.Tensor) -> float:
+        assert result.shape == expected.shape and result.dtype == torch.bfloat16, (result.shape, result.dtype)
+        return ((result.float() - expected).norm() / expected.norm()).item()
+
+    bf16 = [t.bfloat16() for t in (query, key, value)]
+    e4m3_buffer = buffer.to(E4M3)
+    e4m3 = [query.to(E4M3), e4m3_buffer[:, :910], e4m3_buffer[:, 290:1200]]
+    compiled = torch.compile(attention, fullgraph=True)
+    errors = {
+        "bf16": error(attention(*bf16, "fa3")),
+        "bf16 compiled": error(compiled(*bf16, "fa3")),
+        "e4m3": error(attention(*e4m3, "fp8")),
+        "e4m3 compiled": error(compiled(*e4m3, "auto")),
+    }
+    # 3 mantissa bits in Q, K, V and the probabilities: a few percent (0.07 at the model's shapes).
+    limits = {"bf16": 1e-2, "bf16 compiled": 1e-2, "e4m3": 0.1, "e4m3 compiled": 0.1}
+    assert all(errors[name] < limits[name] for name in errors), errors
+    # CUDA's own cast to e4m3 turns 1000 into NaN: the cache and the queries saturate first.
+    assert to_e4m3(torch.tensor([1000.0, -1000.0], device="cuda")).float().tolist() == [448.0, -448.0]
+    cache = KVCache(num_layers=1, batch_size=1, frame_tokens=4, num_heads=1, head_dim=8, chunk_size=1,
+                    local_attn_size=-1, sink_size=0, num_frames=1, dtype=E4M3, device="cuda")  # fmt: skip
+    cache.begin_pass(0, 1)
+    big = torch.full((1, cache.frame_tokens, 1, 8), 1000.0, device="cuda")
+    keys, values = cache.update(0, big, -big)
+    assert keys.float().eq(448).all() and values.float().eq(-448).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_fp8_attention_rollout_stays_close_to_bf16() -> None:
+    """The tiny model's chunked rollout over an e4m3 cache against the same rollout in bf16 attention."""
+    if not flash_usable("fa3", torch.device("cuda")):
+        pytest.skip("needs the fa3-fwd package and a Hopper GPU")
+    model = _tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
+    inputs = Inputs(**{name: t.cuda() for name, t in vars(_inputs(model, 12, torch.float32)).items()})
+    velocities = {}
+    for backend in ("auto", "fp8"):
+        model.attention_backend = backend
+        calls, _ = _rollout(model, inputs, chunk=3, window=6, sink=3, kv_only_update=True)
+        velocities[backend] = torch.stack([call.velocity for call in calls])
+    reference, eight_bit = velocities["auto"], velocities["fp8"]
+    error = ((eight_bit - reference).norm() / reference.norm()).item()
+    assert eight_bit.isfinite().all() and 0 < error < 0.05, error
 
 
 # ------------------------------------------------------------------------------------- tiny model rollouts
@@ -427,9 +547,12 @@ def test_bad_inputs_raise_clear_errors() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @torch.no_grad()
-def test_cached_passes_never_synchronise_with_the_device() -> None:
+@pytest.mark.parametrize("backend", ["auto", "fp8"])
+def test_cached_passes_never_synchronise_with_the_device(backend: str) -> None:
+    if backend == "fp8" and not flash_usable("fa3", torch.device("cuda")):
+        pytest.skip("needs the fa3-fwd package and a Hopper GPU")
     model = _tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
-    model.attention_backend = "auto"
+    model.attention_backend = backend
     inputs = _inputs(model, 6, torch.float32)
     x, y, control = (t.cuda() for t in (inputs.noise, inputs.y, inputs.control))
     text = model.prepare_text(inputs.context.cuda())

@@ -218,8 +218,15 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
         EngineSettings(plain=True, compile=True).resolved()
     with pytest.raises(ValueError, match="'fa4' runs a bfloat16 model on CUDA, not bfloat16 on cpu"):
         EngineSettings(dtype="bfloat16", attention="fa4").resolved()
-    with pytest.raises(ValueError, match="unknown attention backend 'fa3'"):
-        EngineSettings(attention="fa3").resolved()
+    for backend in ("fa3", "fp8"):
+        with pytest.raises(ValueError, match=f"'{backend}' runs a bfloat16 model on CUDA, not float32 on"):
+            EngineSettings(attention=backend).resolved()
+    if not torch.cuda.is_available():  # a CUDA device that is not there has no FlashAttention-3
+        assert EngineSettings(device="cuda", attention="fp8").resolved().dtype == "bfloat16"  # no GPU asked
+        with pytest.raises(ValueError, match=r"'fp8' runs FlashAttention-3 \(pip install 'worldgen\[fa3\]"):
+            ChunkedGenerator(EngineSettings(device="cuda", attention="fp8"))
+    with pytest.raises(ValueError, match="unknown attention backend 'fa2'"):
+        EngineSettings(attention="fa2").resolved()
     fp8 = ChunkedGenerator(EngineSettings(model="tiny", dtype="bfloat16", fp8=True))
     result = render_job(fp8, tiny_job(), tmp_path, progress=False)
     table = read_timings(tmp_path / "tiny" / TIMINGS)

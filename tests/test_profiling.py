@@ -177,6 +177,10 @@ def test_gpu_kernels_take_precedence_over_cpu_ops_in_a_trace_file(tmp_path):
         kernel("Memcpy HtoD (Pageable -> Device)", 50.0, cat="gpu_memcpy"),
         kernel("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", 150.0),
         kernel("denoise_chunk", 2000.0, cat="gpu_user_annotation"),
+        # torch.compile's fused kernels are named after their ops; `_to_copy` makes them no copy.
+        kernel("triton_poi_fused__to_copy_add_mul_0", 20.0),
+        kernel("triton_poi_fused__to_copy_add_mul_0", 25.0),
+        kernel("triton_red_fused_native_layer_norm_1", 10.0),
     ]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
@@ -187,8 +191,15 @@ def test_gpu_kernels_take_precedence_over_cpu_ops_in_a_trace_file(tmp_path):
     assert seconds["matmul"] == pytest.approx(300e-6)
     assert seconds["elementwise"] == pytest.approx(150e-6)
     assert seconds["memcpy"] == pytest.approx(50e-6)
-    assert summary.total_seconds == pytest.approx(1000e-6)
+    assert seconds["fused"] == pytest.approx(45e-6) and seconds["layout/copy"] == 0
+    assert seconds["norm"] == pytest.approx(10e-6)
+    assert summary.total_seconds == pytest.approx(1055e-6)
     assert [f.family for f in summary.families][:4] == ["attention", "matmul", "elementwise", "memcpy"]
+    top = [(k.family, k.count, round(k.seconds * 1e6)) for k in summary.kernels]
+    assert top == [
+        ("attention", 1, 500), ("matmul", 1, 300), ("elementwise", 1, 150), ("memcpy", 1, 50),
+        ("fused", 2, 45), ("norm", 1, 10),
+    ]  # fmt: skip
 
 
 def test_bad_trace_file_is_named(tmp_path):
@@ -220,7 +231,8 @@ def test_bad_trace_file_is_named(tmp_path):
         ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, 4, 64>", "layout/copy"),
         ("aten::copy_", "layout/copy"),
         ("aten::index_select", "layout/copy"),
-        ("triton_poi_fused_add_mul_silu_0", "elementwise"),
+        ("triton_poi_fused_add_mul_silu_0", "fused"),
+        ("triton_poi_fused__to_copy_clamp_1", "fused"),
         ("aten::mul", "elementwise"),
         ("aten::add_", "elementwise"),
         ("Memset (Device)", "memcpy"),

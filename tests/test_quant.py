@@ -11,8 +11,8 @@ import torch
 
 from worldgen.config import DiTConfig, get_preset
 from worldgen.models.dit import CausalDiT, Linear
+from worldgen.models.kv_cache import E4M3
 from worldgen.quant import (
-    E4M3,
     Fp8Linear,
     dequantize_rows,
     fp8_error,

@@ -104,6 +104,12 @@ def test_render_hash_names_the_vae_dtype_and_resolves_model_folders(tmp_path, mo
     float32 = render_settings_hash(job, EngineSettings())
     assert render_settings_hash(job, EngineSettings(vae_dtype="float32")) == float32  # the CPU default
     assert render_settings_hash(job, EngineSettings(vae_dtype="bfloat16")) != float32
+    # 8-bit attention rounds differently; the choice among the exact attention kernels is not hashed.
+    cuda = {
+        name: render_settings_hash(job, EngineSettings(device="cuda", attention=name))
+        for name in ("auto", "cudnn", "fa4", "fp8")
+    }
+    assert cuda["auto"] == cuda["cudnn"] == cuda["fa4"] != cuda["fp8"]
     # A relative model folder without a slash is hashed by where it is, not by its name.
     hashes = []
     for place in ("a", "b"):

@@ -110,6 +110,11 @@ class BenchSettings:
             raise ValueError("bench: --overlap needs --no-sync-check (check the DiT without overlap)")
         return replace(self, out=Path(self.out), sync_check=sync_check)
 
+    @property
+    def eight_bit(self) -> bool:
+        """The fast path runs fp8 matmuls or fp8 attention: the bench reports its error against bf16."""
+        return self.fp8 or self.attention == "fp8"
+
     def timed_chunks(self) -> int:
         """Chunks timed per path: `chunks`, or all of the video (all but the last one with `profile`)."""
         video_chunks = latent_frame_count(self.frame_num, self.chunk_size) // self.chunk_size
@@ -280,12 +285,16 @@ def _profile_chunk(runtime: Runtime, out_dir: Path, name: str) -> dict[str, Any]
         chunk = runtime.generate_next_chunk()
     assert profiler.last_profile is not None
     table = summarize_trace(profiler.last_profile)
-    print(f"{name} path, chunk {chunk.index} under the profiler:\n{table.format()}", flush=True)
+    top = "\n".join(
+        f"{k.seconds * 1e3:>10.3f} ms {k.count:>5}x  {k.family:<11} {k.name[:90]}" for k in table.kernels
+    )
+    print(f"{name} path, chunk {chunk.index} under the profiler:\n{table.format()}\n{top}", flush=True)
     return {
         "chunk_index": chunk.index,
         "trace": str(profiler.traces[-1]),
         "source": table.source,
         "families": [asdict(family) for family in table.families],
+        "top_kernels": [asdict(kernel) for kernel in table.kernels],
     }
 
 
@@ -489,12 +498,13 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="worldgen-bench-") as inputs:
         job = write_inputs(Path(inputs), settings, preset.dit.control_type)
         prompts = Path(inputs) / "prompts"
-        if settings.fp8:  # the bf16 reference runs before fp8 replaces the shared DiT's layers
-            bf16 = replace(engines["fast"], compile=False, fp8=False, overlap=False)
+        if settings.eight_bit:  # the bf16 reference runs before fp8 replaces the shared DiT's layers
+            exact = "auto" if settings.attention == "fp8" else engines["fast"].attention  # as bf16 kernels
+            bf16 = replace(engines["fast"], compile=False, fp8=False, overlap=False, attention=exact)
             reference = first_latents(bench_generator(bf16, (dit, vae), text, job, prompts), job, prompts)
         for name, engine in engines.items():
             generator = bench_generator(engine, (dit, vae), text, job, prompts)
-            if name == "fast" and settings.fp8:
+            if name == "fast" and settings.eight_bit:
                 quantised = first_latents(generator, job, prompts)
                 fp8_latent_error = [fp8_error(r, q) for r, q in zip(reference, quantised, strict=True)]
             runs[name] = run_path(name, generator, job, prompts, settings, run_id)
@@ -512,8 +522,9 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "environment": _environment(device),
         "build": build,
         "compile_seconds": compile_seconds if settings.compile else None,  # the fast path's, before chunk 0
-        # Relative L2 of the fp8 path's clean latents against bf16 eager, chunk by chunk, same job and seed.
-        "fp8_latent_error": fp8_latent_error if settings.fp8 else None,
+        # Relative L2 of the fast path's clean latents with fp8 matmuls and/or fp8 attention against bf16
+        # eager (the same attention backend, `auto` for `fp8`), chunk by chunk, same job and seed.
+        "fp8_latent_error": fp8_latent_error if settings.eight_bit else None,
         "text_tflop_per_video": text_flops / 1e12,  # the fast path's once-per-video text K/V
         "kernels": clock.to_dict(),
         "paths": paths,

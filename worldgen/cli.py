@@ -79,6 +79,8 @@ def _checkpoint_write(args: argparse.Namespace) -> int:
 
 
 VAE_DTYPE_HELP = "float32|bfloat16 (default: bf16 on CUDA for the fast path, float32 otherwise)"
+# Spelled out rather than imported: `--help` needs no torch (tests keep it equal to ATTENTION_BACKENDS).
+ATTENTION_HELP = "auto|cudnn|flash|efficient|math|default|fa4|fa3|fp8"
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +89,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else f32)")
     parser.add_argument("--vae-dtype", default=None, help=VAE_DTYPE_HELP)
-    parser.add_argument("--attention", default="auto", help="auto|cudnn|flash|efficient|math|default|fa4")
+    parser.add_argument("--attention", default="auto", help=ATTENTION_HELP)
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
     parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
     parser.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
@@ -126,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
     bench.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on CUDA, else f32)")
     bench.add_argument("--vae-dtype", default=None, help=f"fast path: {VAE_DTYPE_HELP}")
-    bench.add_argument(
-        "--attention", default="auto", help="fast path: auto|cudnn|flash|efficient|math|default|fa4"
-    )
+    bench.add_argument("--attention", default="auto", help=f"fast path: {ATTENTION_HELP}")
     bench.add_argument("--height", type=int, default=480)
     bench.add_argument("--width", type=int, default=832)
     bench.add_argument("--frame-num", type=int, default=201)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from worldgen.config import DiTConfig
 from worldgen.models.attention import attention
+from worldgen.models.kv_cache import E4M3
 from worldgen.profiling import StageTimer
 from worldgen.quant import Fp8Linear, quantize_rows
 
@@ -160,14 +161,15 @@ class KernelClock:
     GEMMs run as the model's Linears do (a Linear with a bias, in the compute dtype), and with `fp8` the
     quantised ones as the model's `Fp8Linear` multiplies (its scaled matmul on an already quantised
     activation: the compiled blocks fuse the quantisation into the ops before it);
-    attention through the model's `attention()` with the given backend, in the same dtype.
+    attention through the model's `attention()` with the given backend, in the same dtype (e4m3 for the
+    self-attention of backend `fp8`, whose KV cache is e4m3).
     `floor_seconds(ops)` sums them: the time of the chunk's matmul and attention kernels alone, back to back.
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, calls: int = 10) -> None:
         self.device, self.dtype, self.calls = device, dtype, calls
         self._matmuls: dict[tuple[int, int, int, bool], float] = {}
-        self._attention: dict[tuple[str, int, int, int, int], float] = {}
+        self._attention: dict[tuple[str, torch.dtype, int, int, int, int], float] = {}
 
     def _random(self, *shape: int) -> Tensor:
         return torch.randn(shape, device=self.device, dtype=self.dtype)
@@ -188,10 +190,12 @@ class KernelClock:
                 )
                 self._matmuls[key] = seconds_per_call(call, self.device, self.calls)
             return self._matmuls[key]
-        key = (backend, op.queries, op.keys, op.heads, op.head_dim)
+        # Backend `fp8` keeps the KV cache in e4m3: its self-attention calls take e4m3 inputs.
+        dtype = E4M3 if backend == "fp8" and op.category == "self_attention" else self.dtype
+        key = (backend, dtype, op.queries, op.keys, op.heads, op.head_dim)
         if key not in self._attention:
-            query = self._random(1, op.queries, op.heads, op.head_dim)
-            key_, value = (self._random(1, op.keys, op.heads, op.head_dim) for _ in range(2))
+            query = self._random(1, op.queries, op.heads, op.head_dim).to(dtype)
+            key_, value = (self._random(1, op.keys, op.heads, op.head_dim).to(dtype) for _ in range(2))
             self._attention[key] = seconds_per_call(
                 lambda: attention(query, key_, value, backend), self.device, self.calls
             )
@@ -209,6 +213,7 @@ class KernelClock:
         attention_calls = [
             {
                 "backend": backend,
+                "dtype": str(dtype).removeprefix("torch."),
                 "queries": q,
                 "keys": k,
                 "heads": h,
@@ -216,6 +221,6 @@ class KernelClock:
                 "seconds": s,
                 "tflops": 4 * q * k * h * d / s / 1e12,
             }
-            for (backend, q, k, h, d), s in self._attention.items()
+            for (backend, dtype, q, k, h, d), s in self._attention.items()
         ]
         return {"matmul": matmuls, "attention": attention_calls}

@@ -51,7 +51,7 @@ from worldgen.control import (
     output_size,
     video_frame_count,
 )
-from worldgen.models.attention import check_backend
+from worldgen.models.attention import check_backend, flash_usable
 from worldgen.models.dit import CausalDiT
 from worldgen.models.random_init import materialize_random, random_dit, random_vae
 from worldgen.models.text import (
@@ -90,7 +90,8 @@ class EngineSettings:
     dtype: str | None = None  # DiT compute dtype; None: bfloat16 on CUDA, float32 on CPU
     # VAE dtype; None: float64 with a float64 DiT, float32 on the plain path and on CPU, else bfloat16.
     vae_dtype: str | None = None
-    attention: str = "auto"  # auto | cudnn | flash | efficient | math | default (PyTorch picks) | fa4
+    # auto | cudnn | flash | efficient | math | default (PyTorch picks) | fa4 | fa3 | fp8: models/attention.py
+    attention: str = "auto"
     # The benchmark's yardstick: text K/V and camera modulation recomputed every pass, NCDHW Conv3d inputs.
     plain: bool = False
     compile: bool = False  # torch.compile every DiT block (worldgen/compile.py)
@@ -113,9 +114,12 @@ class EngineSettings:
             )
         if self.fp8 and dtype != "bfloat16":
             raise ValueError(f"fp8 layers run in a bfloat16 model, not {dtype}")
-        if check_backend(self.attention) == "fa4" and (device.type != "cuda" or dtype != "bfloat16"):
-            raise ValueError(f"attention 'fa4' runs a bfloat16 model on CUDA, not {dtype} on {device.type}")
-        if self.plain and (self.compile or self.fp8):
+        attention = check_backend(self.attention)
+        if attention in ("fa4", "fa3", "fp8") and (device.type != "cuda" or dtype != "bfloat16"):
+            raise ValueError(
+                f"attention {attention!r} runs a bfloat16 model on CUDA, not {dtype} on {device.type}"
+            )
+        if self.plain and (self.compile or self.fp8 or attention == "fp8"):
             raise ValueError("the plain path is the uncompiled bf16 yardstick: no compile, no fp8")
         if self.plain and vae_dtype == "bfloat16":
             raise ValueError("the plain path is the yardstick: its VAE runs in float32, not bfloat16")
@@ -212,6 +216,12 @@ class ChunkedGenerator:
         of another dtype than `settings.vae_dtype` is converted into a copy, the given one left as it is."""
         self.settings = settings = settings.resolved()
         self.device = torch.device(settings.device)
+        # Checked here, where the model runs, not in `resolved()`: a flow resolves settings on its own host.
+        if settings.attention in ("fa3", "fp8") and not flash_usable("fa3", self.device):
+            raise ValueError(
+                f"attention {settings.attention!r} runs FlashAttention-3 (pip install 'worldgen[fa3]') on a "
+                f"Hopper GPU; {self.device} has no Hopper GPU or the package does not import"
+            )
         self.dtype = DTYPES[settings.dtype]
         vae_dtype = DTYPES[settings.vae_dtype]
         # The DiT is built or loaded straight into its run layout (bf16 matmul weights, fp32 modulation):

@@ -236,7 +236,9 @@ def named_range(name: str) -> Iterator[None]:
 
 # Kernel/op name -> family, first match wins (names are lower-cased). Attention and conv come before
 # matmul because fused attention and implicit-GEMM convolution kernels also carry gemm/cutlass names;
-# layout/copy comes before elementwise because copies run through the generic elementwise kernels.
+# `fused` (torch.compile's Triton kernels, named after the ops they fuse: `triton_poi_fused__to_copy_add_..`)
+# comes before layout/copy, and layout/copy before elementwise because copies run through the generic
+# elementwise kernels.
 FAMILY_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (family, re.compile(pattern))
     for family, pattern in (
@@ -248,6 +250,7 @@ FAMILY_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
             r"gemm|gemv|cublas|cutlass|nvjet|wgmma|aten::(mm|bmm|addmm|addbmm|baddbmm|matmul|linear|_scaled_mm)$",
         ),
         ("norm", r"norm(?!al)|rowwisemoments"),  # not aten::normal_, the noise sampler
+        ("fused", r"^triton_(poi|red|per)_"),
         (
             "layout/copy",
             r"copy|transpose|permute|contiguous|clone|catarray|aten::(cat|stack|pad|constant_pad_nd|index\w*|"
@@ -255,7 +258,7 @@ FAMILY_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ),
         (
             "elementwise",
-            r"elementwise|pointwise|triton_poi|aten::(add|sub|mul|div|neg|exp|rsqrt|sqrt|pow|silu|gelu|sigmoid|"
+            r"elementwise|pointwise|aten::(add|sub|mul|div|neg|exp|rsqrt|sqrt|pow|silu|gelu|sigmoid|"
             r"tanh|sin|cos|where|clamp|lerp|addcmul|fill|zero|masked_fill)_?$",
         ),
     )
@@ -277,9 +280,22 @@ class FamilyTime:
 
 
 @dataclass(frozen=True)
+class KernelTime:
+    name: str  # cut to KERNEL_NAME_CHARS
+    family: str
+    seconds: float
+    count: int
+
+
+KERNEL_NAME_CHARS = 160
+TOP_KERNELS = 20
+
+
+@dataclass(frozen=True)
 class TraceSummary:
     source: str  # "gpu kernels" or "cpu ops (self time)"
     families: list[FamilyTime]  # every family, largest first
+    kernels: list[KernelTime]  # the TOP_KERNELS names with the most time, largest first
 
     @property
     def total_seconds(self) -> float:
@@ -295,15 +311,23 @@ class TraceSummary:
 
 
 def _group(durations_us: Iterable[tuple[str, float]], source: str) -> TraceSummary:
+    per_name: dict[str, list[float]] = {}  # name -> [seconds, count]
+    for name, duration_us in durations_us:
+        entry = per_name.setdefault(name, [0.0, 0])
+        entry[0] += duration_us * 1e-6
+        entry[1] += 1
     seconds = dict.fromkeys(FAMILIES, 0.0)
     counts = dict.fromkeys(FAMILIES, 0)
-    for name, duration_us in durations_us:
+    kernels = []
+    for name, (name_seconds, name_count) in per_name.items():
         family = kernel_family(name)
-        seconds[family] += duration_us * 1e-6
-        counts[family] += 1
+        seconds[family] += name_seconds
+        counts[family] += int(name_count)
+        kernels.append(KernelTime(name[:KERNEL_NAME_CHARS], family, name_seconds, int(name_count)))
     total = sum(seconds.values())
     families = [FamilyTime(f, seconds[f], counts[f], seconds[f] / total if total else 0.0) for f in FAMILIES]
-    return TraceSummary(source, sorted(families, key=lambda f: -f.seconds))
+    top = sorted(kernels, key=lambda k: -k.seconds)[:TOP_KERNELS]
+    return TraceSummary(source, sorted(families, key=lambda f: -f.seconds), top)
 
 
 _GPU_SOURCE, _CPU_SOURCE = "gpu kernels", "cpu ops (self time)"

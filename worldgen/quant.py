@@ -41,9 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from worldgen.models.dit import CausalDiT, Linear
+from worldgen.models.kv_cache import E4M3_MAX, to_e4m3
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max  # 448
 # A row of zeros gets this amax instead of 0, so its scale is finite and its codes are zeros.
 _MIN_AMAX = 1e-12
 _KERNEL_MULTIPLE = 16  # torch._scaled_mm: K and N must be multiples of 16
@@ -60,9 +59,9 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """x [M, K] -> (e4m3 codes [M, K], float32 scales [M, 1]) with x ≈ codes * scales, row by row."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_AMAX)
     scale = amax / E4M3_MAX
-    # Divide in float32 (bf16 would round before e4m3 does); the clamp keeps a quotient a rounding step
+    # Divide in float32 (bf16 would round before e4m3 does); saturating keeps a quotient a rounding step
     # above 448 from becoming NaN, as e4m3fn has no infinity.
-    codes = (x / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    codes = to_e4m3(x / scale)
     return codes, scale
 
 

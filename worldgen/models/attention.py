@@ -1,6 +1,6 @@
 """Attention through `F.scaled_dot_product_attention` with a chosen backend, and the reference window mask.
 
-Backends: `auto | cudnn | flash | efficient | math | default | fa4`.
+Backends: `auto | cudnn | flash | efficient | math | default | fa4 | fa3 | fp8`.
 - `auto` on CUDA takes FlashAttention-4 (`fa4`, below) for self-attention lengths when it can run here,
   and otherwise tries cuDNN first (about 1.7x flash at LingBot shapes on H200), then flash, then
   memory-efficient, then math, taking the first one that supports the inputs; on other devices it leaves
@@ -12,6 +12,17 @@ Backends: `auto | cudnn | flash | efficient | math | default | fa4`.
   GPUs) on the [B, L, H, D] layout as it is, through an opaque custom op so that a compiled block keeps
   one graph around it. On H200 at 4680 queries x 32760 keys it runs at about 650 TFLOP/s against cuDNN's
   550; at the 512 text keys of cross-attention cuDNN is faster, hence `FA4_MIN_KEYS` for `auto`.
+- `fa3` calls FlashAttention-3's Hopper kernels (the optional `fa3-fwd` package, a forward-only build of
+  FlashAttention-3) the same way, for every call.
+- `fp8` is 8-bit self-attention: the model keeps its KV cache in e4m3 (`CausalDiT.make_kv_cache`) and
+  casts each pass's queries, keys and values to e4m3, and every call with e4m3 inputs runs
+  FlashAttention-3's e4m3 kernel (unscaled, bf16 output; on H200 about 870 TFLOP/s at 4680 x 32760
+  against 650 for the bf16 kernels). Calls with wider inputs (the text cross-attention, a pass without a
+  cache) are routed as by `auto`.
+
+e4m3 without a scale holds magnitudes from 2^-9 to 448 with 3 mantissa bits: enough for queries and keys,
+which are RMS-normalised (|q|, |k| <= sqrt(dim) * max|norm weight|) and for values of the model's
+magnitude; larger magnitudes saturate at +-448 (`kv_cache.to_e4m3`), they never overflow.
 
 `visibility_mask` builds the explicit [tokens, tokens] mask of chunked causal generation straight from
 the reference rules; the full-sequence forward with this mask is the oracle the rolling cache is tested
@@ -21,17 +32,19 @@ against.
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
-from typing import Literal, get_args
+from collections.abc import Callable
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from worldgen.models.kv_cache import check_window
+from worldgen.models.kv_cache import E4M3, check_window
 
-AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default", "fa4"]
+AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default", "fa4", "fa3", "fp8"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 _NAMED_BACKENDS = {
@@ -51,7 +64,15 @@ _CUDA_PRIORITY = [
 # `auto` uses FlashAttention-4 from this many keys on (H200: 0.159 ms against cuDNN's 0.131 ms at 512
 # keys, 0.75 against 1.01 ms at 4680, both with 4680 queries and 40 heads of 128).
 FA4_MIN_KEYS = 2048
-_FA4_DTYPES = (torch.float16, torch.bfloat16)
+# The flash kernels outside PyTorch: their name in messages, the dtypes they take, the GPU generations they
+# run on, the module that holds them and the package (and worldgen extra) that installs it. fa3-fwd is built
+# without fp16 kernels.
+_FLASH_KERNELS = {
+    "fa4": ("FlashAttention-4 (backend 'fa4')", (torch.float16, torch.bfloat16), (9, 10), "flash_attn.cute",
+            "flash-attn-4"),
+    "fa3": ("FlashAttention-3 (backends 'fa3' and 'fp8')", (torch.bfloat16, E4M3), (9,), "fa3_fwd_interface",
+            "fa3-fwd"),
+}  # fmt: skip
 
 
 def check_backend(backend: str) -> AttentionBackend:
@@ -68,22 +89,20 @@ def attention(
 
     `mask` (bool, True = may attend) broadcasts to [B, H, Lq, Lk]; the fused CUDA kernels take no
     arbitrary mask, so a masked call falls through to a backend that does (it is only used by the oracle).
+    e4m3 inputs (backend `fp8`'s cache) always run FlashAttention-3's e4m3 kernel, whose output is bf16.
     """
-    if backend == "fa4" and mask is not None:
-        raise ValueError("attention backend 'fa4' takes no mask; use 'math' for the masked oracle")
-    if backend == "fa4" or (
-        backend == "auto"
-        and mask is None
-        and key.shape[1] >= FA4_MIN_KEYS
-        and fa4_supports(query)
-        and fa4_usable(query.device)
-    ):
-        return fa4_attention(query, key, value)
+    flash = "fa3" if query.dtype == E4M3 else backend if backend in _FLASH_KERNELS else None
+    if flash is None and backend in ("auto", "fp8") and mask is None and key.shape[1] >= FA4_MIN_KEYS:
+        flash = "fa4" if flash_supports("fa4", query) and flash_usable("fa4", query.device) else None
+    if flash is not None:
+        if mask is not None:
+            raise ValueError(f"attention with {flash!r} takes no mask; use 'math' for the masked oracle")
+        return (fa4_attention if flash == "fa4" else fa3_attention)(query, key, value)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     if backend in _NAMED_BACKENDS:
         with sdpa_kernel(_NAMED_BACKENDS[backend]):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    elif backend == "auto" and q.device.type == "cuda":
+    elif backend in ("auto", "fp8") and q.device.type == "cuda":
         with sdpa_kernel(_CUDA_PRIORITY, set_priority=True):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:  # "default", and "auto" off CUDA
@@ -91,54 +110,85 @@ def attention(
     return out.transpose(1, 2)
 
 
-def fa4_supports(query: Tensor) -> bool:
-    """The inputs FlashAttention-4's kernels take: CUDA, fp16 or bf16, head_dim a multiple of 8 up to 256."""
+def flash_supports(kernel: str, query: Tensor) -> bool:
+    """The inputs a flash kernel (`fa4` or `fa3`) takes: CUDA, its dtypes, head_dim up to 256 and a multiple
+    of 8 (16 in e4m3)."""
     head_dim = query.shape[-1]
-    return query.is_cuda and query.dtype in _FA4_DTYPES and head_dim % 8 == 0 and head_dim <= 256
+    alignment = 16 if query.dtype == E4M3 else 8
+    dtypes = _FLASH_KERNELS[kernel][1]
+    return query.is_cuda and query.dtype in dtypes and head_dim % alignment == 0 and head_dim <= 256
 
 
 @torch.compiler.assume_constant_result  # a compiled block asks once, at trace time
-def fa4_usable(device: torch.device) -> bool:
-    """True when FlashAttention-4 can run on `device`: a Hopper or Blackwell GPU, and flash-attn-4 imports."""
-    return device.type == "cuda" and _fa4_usable(device)
+def flash_usable(kernel: str, device: torch.device) -> bool:
+    """True when the flash kernel (`fa4` or `fa3`) can run on `device`: its GPU generation, and its package
+    imports."""
+    return device.type == "cuda" and torch.cuda.is_available() and _flash_usable(kernel, device)
 
 
 @functools.cache  # asked before every eager self-attention call: the device query and the import run once
-def _fa4_usable(device: torch.device) -> bool:
-    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+def _flash_usable(kernel: str, device: torch.device) -> bool:
+    _, _, generations, module, package = _FLASH_KERNELS[kernel]
+    if torch.cuda.get_device_capability(device)[0] not in generations:
         return False
     try:
-        import flash_attn.cute  # noqa: F401
+        importlib.import_module(module)
     except Exception as error:
-        if not (isinstance(error, ModuleNotFoundError) and error.name in ("flash_attn", "flash_attn.cute")):
+        top = module.split(".")[0]
+        if not (isinstance(error, ModuleNotFoundError) and error.name in (top, module)):
             # Installed but broken: a missing dependency, a CUDA build that does not match, ...
-            warnings.warn(f"flash-attn-4 does not import ({error}); attention uses cuDNN", stacklevel=2)
+            warnings.warn(f"{package} does not import ({error}); attention runs without it", stacklevel=2)
         return False
     return True
 
 
+def _flash_function(kernel: str, query: Tensor, name: str) -> Callable[..., Any]:
+    """The kernel's entry point, after checking the inputs; a clear error for what it cannot run."""
+    label, dtypes, _, module, package = _FLASH_KERNELS[kernel]
+    if not flash_supports(kernel, query):
+        names = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        raise RuntimeError(
+            f"{label} needs CUDA tensors in {names} with head_dim up to 256 and a multiple of 8 (16 in "
+            f"e4m3), got {query.device.type} {query.dtype} head_dim {query.shape[-1]}"
+        )
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        raise RuntimeError(
+            f"{label} needs the {package} package (pip install 'worldgen[{kernel}]'): {error}"
+        ) from error
+
+
+# Both kernels run through opaque custom ops: a compiled block keeps one graph around them. A custom op gets
+# no device guard, and the kernels launch on the current device's stream, hence `torch.cuda.device`.
 @torch.library.custom_op("worldgen::fa4_attention", mutates_args=())
 def fa4_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     """FlashAttention-4 forward, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D], softmax scale 1/sqrt(D)."""
-    if not fa4_supports(query):
-        raise RuntimeError(
-            "attention backend 'fa4' needs CUDA tensors in float16 or bfloat16 with head_dim a multiple of 8 "
-            f"up to 256, got {query.device.type} {query.dtype} head_dim {query.shape[-1]}"
-        )
-    try:
-        from flash_attn.cute import flash_attn_func
-    except ImportError as error:
-        raise RuntimeError(
-            f"attention backend 'fa4' needs the flash-attn-4 package (pip install 'worldgen[fa4]'): {error}"
-        ) from error
-    # A custom op gets no device guard, and the kernel launches on the current device's stream.
+    flash_attn_func = _flash_function("fa4", query, "flash_attn_func")
     with torch.cuda.device(query.device):
         return flash_attn_func(query, key, value)[0]
+
+
+@torch.library.custom_op("worldgen::fa3_attention", mutates_args=())
+def fa3_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """FlashAttention-3 forward, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D], softmax scale 1/sqrt(D).
+
+    e4m3 inputs are taken as they are (no descale given: the kernel reads it as 1) and give a bf16 output.
+    """
+    flash_attn_func = _flash_function("fa3", query, "flash_attn_func")
+    with torch.cuda.device(query.device):
+        return flash_attn_func(query, key, value)
 
 
 @fa4_attention.register_fake
 def _fa4_attention_shape(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+@fa3_attention.register_fake
+def _fa3_attention_shape(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    dtype = torch.bfloat16 if query.dtype == E4M3 else query.dtype
+    return query.new_empty((*query.shape[:-1], value.shape[-1]), dtype=dtype)
 
 
 def visibility_mask(

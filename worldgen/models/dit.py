@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from worldgen.config import DiTConfig
 from worldgen.models.attention import AttentionBackend, attention, check_backend
-from worldgen.models.kv_cache import KVCache
+from worldgen.models.kv_cache import E4M3, KVCache, to_e4m3
 
 ROPE_THETA = 10000.0
 # The time MLP acts on one row per frame, not per token: it stays in float32 with the modulation tables.
@@ -161,6 +161,8 @@ class _PassContext:
     cache: KVCache | None
     mask: Tensor | None
     backend: AttentionBackend
+    # The cache holds e4m3 (backend `fp8`): a plain flag, so a compiled block guards on it, not on the cache.
+    e4m3: bool = False
 
 
 class _Attention(nn.Module):
@@ -193,12 +195,15 @@ class SelfAttention(_Attention):
         cache, to the frames of x under `ctx.mask`."""
         tokens = x.flatten(1, 2)
         query = apply_rope(self._heads(self.norm_q(self.q(tokens))), *ctx.rope).to(self.q.output_dtype)
+        query = to_e4m3(query) if ctx.e4m3 else query
         return self._output(self.attend(query, *self.key_value(tokens, ctx), ctx), x.shape)
 
     def key_value(self, tokens: Tensor, ctx: _PassContext) -> tuple[Tensor, Tensor]:
-        """Tokens [B, L, dim] -> this pass's K (normed, rotated) and V, [B, L, heads, head_dim] each."""
+        """Tokens [B, L, dim] -> this pass's K (normed, rotated) and V, [B, L, heads, head_dim] each; in
+        e4m3 for an e4m3 cache (cast here, where a compiled block fuses it into RoPE, not in the cache)."""
         key = apply_rope(self._heads(self.norm_k(self.k(tokens))), *ctx.rope).to(self.k.output_dtype)
-        return key, self._heads(self.v(tokens))
+        value = self._heads(self.v(tokens))
+        return (to_e4m3(key), to_e4m3(value)) if ctx.e4m3 else (key, value)
 
     # The cache cursors are host ints that change from chunk to chunk (slots, visible length), and this
     # layer's index differs from block to block: a compiled block (worldgen/compile.py) that traced them
@@ -344,7 +349,8 @@ class CausalDiT(nn.Module):
         sink_size: int,
         num_frames: int,
     ) -> KVCache:
-        """A rolling cache for this model, in the dtype of its K projection's output, on its device."""
+        """A rolling cache for this model on its device: in the dtype of its K projection's output, or in
+        e4m3 with the attention backend `fp8`."""
         key_layer = self.blocks[0].self_attn.k
         return KVCache(
             num_layers=self.config.num_layers,
@@ -356,7 +362,7 @@ class CausalDiT(nn.Module):
             local_attn_size=local_attn_size,
             sink_size=sink_size,
             num_frames=num_frames,
-            dtype=key_layer.output_dtype,
+            dtype=E4M3 if self.attention_backend == "fp8" else key_layer.output_dtype,
             device=key_layer.weight.device,
         )
 
@@ -471,7 +477,8 @@ class CausalDiT(nn.Module):
         rope = rope_tables(self.config.head_dim, first_latent_frame, grid, x.device, stream.dtype)
         if cache is not None:
             cache.begin_pass(first_latent_frame, grid[0])
-        return stream, time_emb, time_mod, _PassContext(rope, cache, attn_mask, self.attention_backend)
+        e4m3 = cache is not None and cache.keys.dtype == E4M3
+        return stream, time_emb, time_mod, _PassContext(rope, cache, attn_mask, self.attention_backend, e4m3)
 
     def _check_inputs(
         self, x: Tensor, y: Tensor, cache: KVCache | None, attn_mask: Tensor | None

@@ -23,6 +23,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+
+
+def to_e4m3(x: Tensor) -> Tensor:
+    """x in e4m3, magnitudes beyond 448 saturated: CUDA's cast would turn them into NaN (e4m3fn has no
+    infinity; the CPU's cast saturates)."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
 
 def check_window(chunk_size: int, local_attn_size: int, sink_size: int) -> None:
     """Raise ValueError unless (chunk_size, local_attn_size, sink_size) is a valid attention window."""
@@ -145,11 +154,14 @@ class KVCache:
         return [(src * tokens, dst * tokens, count * tokens) for src, dst, count in runs]
 
     def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this pass's K (after RoPE) and V [batch, tokens, heads, head_dim] for `layer`.
+        """Store this pass's K (after RoPE) and V [batch, tokens, heads, head_dim] for `layer`, cast to
+        the cache's dtype (an e4m3 cache saturates magnitudes beyond 448).
 
         Returns the visible K and V: views of the filled part of the cache, this pass's tokens included.
         """
         layer_keys, layer_values = self.keys[layer], self.values[layer]
+        if layer_keys.dtype == E4M3:  # saturate what is wider: the slice copies' cast alone would not on CUDA
+            key, value = (t if t.dtype == E4M3 else to_e4m3(t) for t in (key, value))
         for src, dst, count in self._writes:
             layer_keys[:, dst : dst + count] = key[:, src : src + count]
             layer_values[:, dst : dst + count] = value[:, src : src + count]
