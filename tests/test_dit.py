@@ -20,7 +20,7 @@ import torch
 import worldgen.models.attention as attention_module
 from worldgen.config import get_preset
 from worldgen.models.attention import (
-    FA4_MIN_KEYS,
+    FLASH_MIN_KEYS,
     attention,
     check_backend,
     flash_supports,
@@ -160,10 +160,10 @@ def test_attention_routes_to_the_flash_kernels_where_they_can_run(monkeypatch: p
     monkeypatch.setattr(attention_module, "fa4_attention", recorder("fa4"))
     monkeypatch.setattr(attention_module, "fa3_attention", recorder("fa3"))
     q = torch.randn(1, 4, 2, 8)
-    long, short = torch.randn(1, FA4_MIN_KEYS, 2, 8), torch.randn(1, FA4_MIN_KEYS - 1, 2, 8)
+    long, short = torch.randn(1, FLASH_MIN_KEYS, 2, 8), torch.randn(1, FLASH_MIN_KEYS - 1, 2, 8)
     assert not attention(q, long, long, "auto").any()
     attention(q, short, short, "auto")  # short keys: SDPA
-    attention(q, long, long, "auto", mask=torch.ones(4, FA4_MIN_KEYS, dtype=torch.bool))  # masked: SDPA
+    attention(q, long, long, "auto", mask=torch.ones(4, FLASH_MIN_KEYS, dtype=torch.bool))  # masked: SDPA
     attention(q, long, long, "math")  # a named SDPA backend is kept
     attention(q, short, short, "fa4")  # forced, whatever the length
     attention(q, short, short, "fa3")
@@ -171,10 +171,16 @@ def test_attention_routes_to_the_flash_kernels_where_they_can_run(monkeypatch: p
     attention(q, short, short, "fp8")
     eight_bit = short.to(E4M3)
     attention(q.to(E4M3), eight_bit, eight_bit, "fp8")  # e4m3: FlashAttention-3
+    long_keys, short_keys = FLASH_MIN_KEYS, FLASH_MIN_KEYS - 1
     assert seen == [
-        ("fa4", FA4_MIN_KEYS), ("fa4", FA4_MIN_KEYS - 1), ("fa3", FA4_MIN_KEYS - 1), ("fa4", FA4_MIN_KEYS),
-        ("fa3", FA4_MIN_KEYS - 1),
+        ("fa4", long_keys), ("fa4", short_keys), ("fa3", short_keys), ("fa4", long_keys), ("fa3", short_keys),
     ]  # fmt: skip
+    # Without FlashAttention-4 (not installed, or not this GPU), `auto` takes FlashAttention-3.
+    monkeypatch.setattr(attention_module, "flash_usable", lambda kernel, device: kernel == "fa3")
+    seen.clear()
+    attention(q, long, long, "auto")
+    attention(q, short, short, "auto")
+    assert seen == [("fa3", FLASH_MIN_KEYS)]
 
 
 def test_fp8_attention_keeps_an_e4m3_cache_that_saturates() -> None:
@@ -234,7 +240,7 @@ def test_fa4_backend_matches_exact_attention_and_auto_takes_it_for_long_keys() -
         assert result.shape == expected.shape and error < 1e-2, error
 
     long_keys = [t.bfloat16() for t in (q, k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1))]
-    assert k.shape[1] < FA4_MIN_KEYS <= long_keys[1].shape[1]
+    assert k.shape[1] < FLASH_MIN_KEYS <= long_keys[1].shape[1]
     assert torch.equal(attention(*long_keys, "auto"), attention(*long_keys, "fa4"))
     assert torch.equal(attention(*bf16, "auto"), attention(*bf16, "cudnn"))
     # float32 never reaches FA4 (it takes fp16 and bf16 only): `auto` falls back to SDPA.
@@ -281,6 +287,11 @@ def test_fa3_kernels_match_exact_attention_in_bf16_and_e4m3() -> None:
     # 3 mantissa bits in Q, K, V and the probabilities: a few percent (0.07 at the model's shapes).
     limits = {"bf16": 1e-2, "bf16 compiled": 1e-2, "e4m3": 0.1, "e4m3 compiled": 0.1}
     assert all(errors[name] < limits[name] for name in errors), errors
+    if not flash_usable("fa4", torch.device("cuda")):  # `auto` takes FlashAttention-3 for long keys only
+        long_keys = [query.bfloat16(), *(buffer.bfloat16().repeat(1, 2, 1, 1) for _ in range(2))]
+        assert long_keys[1].shape[1] >= FLASH_MIN_KEYS > bf16[1].shape[1]
+        assert torch.equal(attention(*long_keys, "auto"), attention(*long_keys, "fa3"))
+        assert torch.equal(attention(*bf16, "auto"), attention(*bf16, "cudnn"))
     # CUDA's own cast to e4m3 turns 1000 into NaN: the cache and the queries saturate first.
     assert to_e4m3(torch.tensor([1000.0, -1000.0], device="cuda")).float().tolist() == [448.0, -448.0]
     cache = KVCache(num_layers=1, batch_size=1, frame_tokens=4, num_heads=1, head_dim=8, chunk_size=1,

@@ -2,18 +2,19 @@
 
 Backends: `auto | cudnn | flash | efficient | math | default | fa4 | fa3 | fp8`.
 - `auto` on CUDA takes FlashAttention-4 (`fa4`, below) for self-attention lengths when it can run here,
-  and otherwise tries cuDNN first (about 1.7x flash at LingBot shapes on H200), then flash, then
-  memory-efficient, then math, taking the first one that supports the inputs; on other devices it leaves
-  the choice to PyTorch's default dispatch.
+  else FlashAttention-3 (`fa3`), and otherwise tries cuDNN first (about 1.7x flash at LingBot shapes on
+  H200), then flash, then memory-efficient, then math, taking the first one that supports the inputs; on
+  other devices it leaves the choice to PyTorch's default dispatch.
 - `default` is PyTorch's own dispatch everywhere, with no `sdpa_kernel` restriction: what a
   straightforward port gets, the attention of the benchmark's plain path.
 - `cudnn`, `flash`, `efficient` and `math` force that SDPA kernel.
 - `fa4` calls FlashAttention-4's CuTe kernels (the optional `flash-attn-4` package; Hopper or Blackwell
   GPUs) on the [B, L, H, D] layout as it is, through an opaque custom op so that a compiled block keeps
   one graph around it. On H200 at 4680 queries x 32760 keys it runs at about 650 TFLOP/s against cuDNN's
-  550; at the 512 text keys of cross-attention cuDNN is faster, hence `FA4_MIN_KEYS` for `auto`.
+  550; at the 512 text keys of cross-attention cuDNN is faster, hence `FLASH_MIN_KEYS` for `auto`.
 - `fa3` calls FlashAttention-3's Hopper kernels (the optional `fa3-fwd` package, a forward-only build of
-  FlashAttention-3) the same way, for every call.
+  FlashAttention-3) the same way, for every call: about 630 to 710 TFLOP/s at those shapes against cuDNN's
+  575 to 600 (same process), and slower than cuDNN at 512 keys too.
 - `fp8` is 8-bit self-attention: the model keeps its KV cache in e4m3 (`CausalDiT.make_kv_cache`) and
   casts each pass's queries, keys and values to e4m3, and every call with e4m3 inputs runs
   FlashAttention-3's e4m3 kernel (unscaled, bf16 output; on H200 about 870 TFLOP/s at 4680 x 32760
@@ -61,9 +62,9 @@ _CUDA_PRIORITY = [
 ]
 
 
-# `auto` uses FlashAttention-4 from this many keys on (H200: 0.159 ms against cuDNN's 0.131 ms at 512
-# keys, 0.75 against 1.01 ms at 4680, both with 4680 queries and 40 heads of 128).
-FA4_MIN_KEYS = 2048
+# `auto` uses FlashAttention-4 or -3 from this many keys on (H200, 4680 queries and 40 heads of 128: FA4
+# 0.159 ms against cuDNN's 0.131 ms at 512 keys, 0.75 against 1.01 ms at 4680; FA3 0.12 to 0.16 ms at 512).
+FLASH_MIN_KEYS = 2048
 # The flash kernels outside PyTorch: their name in messages, the dtypes they take, the GPU generations they
 # run on, the module that holds them and the package (and worldgen extra) that installs it. fa3-fwd is built
 # without fp16 kernels.
@@ -92,8 +93,9 @@ def attention(
     e4m3 inputs (backend `fp8`'s cache) always run FlashAttention-3's e4m3 kernel, whose output is bf16.
     """
     flash = "fa3" if query.dtype == E4M3 else backend if backend in _FLASH_KERNELS else None
-    if flash is None and backend in ("auto", "fp8") and mask is None and key.shape[1] >= FA4_MIN_KEYS:
-        flash = "fa4" if flash_supports("fa4", query) and flash_usable("fa4", query.device) else None
+    if flash is None and backend in ("auto", "fp8") and mask is None and key.shape[1] >= FLASH_MIN_KEYS:
+        usable = (k for k in _FLASH_KERNELS if flash_supports(k, query) and flash_usable(k, query.device))
+        flash = next(usable, None)  # FlashAttention-4 first
     if flash is not None:
         if mask is not None:
             raise ValueError(f"attention with {flash!r} takes no mask; use 'math' for the masked oracle")
