@@ -36,6 +36,7 @@ import functools
 import importlib
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
@@ -65,14 +66,29 @@ _CUDA_PRIORITY = [
 # `auto` uses FlashAttention-4 or -3 from this many keys on (H200, 4680 queries and 40 heads of 128: FA4
 # 0.159 ms against cuDNN's 0.131 ms at 512 keys, 0.75 against 1.01 ms at 4680; FA3 0.12 to 0.16 ms at 512).
 FLASH_MIN_KEYS = 2048
-# The flash kernels outside PyTorch: their name in messages, the dtypes they take, the GPU generations they
-# run on, the module that holds them and the package (and worldgen extra) that installs it. fa3-fwd is built
-# without fp16 kernels.
+
+
+@dataclass(frozen=True)
+class _FlashKernel:
+    """A flash-attention kernel outside PyTorch; its module's entry point is `flash_attn_func`."""
+
+    label: str  # its name in messages
+    dtypes: tuple[torch.dtype, ...]
+    generations: tuple[int, ...]  # CUDA compute capability majors it runs on
+    module: str
+    package: str  # the pip package (and worldgen extra) that installs the module
+
+
 _FLASH_KERNELS = {
-    "fa4": ("FlashAttention-4 (backend 'fa4')", (torch.float16, torch.bfloat16), (9, 10), "flash_attn.cute",
-            "flash-attn-4"),
-    "fa3": ("FlashAttention-3 (backends 'fa3' and 'fp8')", (torch.bfloat16, E4M3), (9,), "fa3_fwd_interface",
-            "fa3-fwd"),
+    "fa4": _FlashKernel(
+        "FlashAttention-4 (backend 'fa4')", (torch.float16, torch.bfloat16), (9, 10), "flash_attn.cute",
+        "flash-attn-4",
+    ),
+    # fa3-fwd is built without fp16 kernels.
+    "fa3": _FlashKernel(
+        "FlashAttention-3 (backends 'fa3' and 'fp8')", (torch.bfloat16, E4M3), (9,), "fa3_fwd_interface",
+        "fa3-fwd",
+    ),
 }  # fmt: skip
 
 
@@ -117,7 +133,7 @@ def flash_supports(kernel: str, query: Tensor) -> bool:
     of 8 (16 in e4m3)."""
     head_dim = query.shape[-1]
     alignment = 16 if query.dtype == E4M3 else 8
-    dtypes = _FLASH_KERNELS[kernel][1]
+    dtypes = _FLASH_KERNELS[kernel].dtypes
     return query.is_cuda and query.dtype in dtypes and head_dim % alignment == 0 and head_dim <= 256
 
 
@@ -130,34 +146,35 @@ def flash_usable(kernel: str, device: torch.device) -> bool:
 
 @functools.cache  # asked before every eager self-attention call: the device query and the import run once
 def _flash_usable(kernel: str, device: torch.device) -> bool:
-    _, _, generations, module, package = _FLASH_KERNELS[kernel]
-    if torch.cuda.get_device_capability(device)[0] not in generations:
+    flash = _FLASH_KERNELS[kernel]
+    if torch.cuda.get_device_capability(device)[0] not in flash.generations:
         return False
     try:
-        importlib.import_module(module)
+        importlib.import_module(flash.module)
     except Exception as error:
-        top = module.split(".")[0]
-        if not (isinstance(error, ModuleNotFoundError) and error.name in (top, module)):
+        top = flash.module.split(".")[0]
+        if not (isinstance(error, ModuleNotFoundError) and error.name in (top, flash.module)):
             # Installed but broken: a missing dependency, a CUDA build that does not match, ...
-            warnings.warn(f"{package} does not import ({error}); attention runs without it", stacklevel=2)
+            message = f"{flash.package} does not import ({error}); attention runs without it"
+            warnings.warn(message, stacklevel=2)
         return False
     return True
 
 
-def _flash_function(kernel: str, query: Tensor, name: str) -> Callable[..., Any]:
-    """The kernel's entry point, after checking the inputs; a clear error for what it cannot run."""
-    label, dtypes, _, module, package = _FLASH_KERNELS[kernel]
+def _flash_attn_func(kernel: str, query: Tensor) -> Callable[..., Any]:
+    """The kernel's `flash_attn_func`, after checking the inputs; a clear error for what it cannot run."""
+    flash = _FLASH_KERNELS[kernel]
     if not flash_supports(kernel, query):
-        names = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        names = " or ".join(str(dtype).removeprefix("torch.") for dtype in flash.dtypes)
         raise RuntimeError(
-            f"{label} needs CUDA tensors in {names} with head_dim up to 256 and a multiple of 8 (16 in "
+            f"{flash.label} needs CUDA tensors in {names} with head_dim up to 256 and a multiple of 8 (16 in "
             f"e4m3), got {query.device.type} {query.dtype} head_dim {query.shape[-1]}"
         )
     try:
-        return getattr(importlib.import_module(module), name)
+        return importlib.import_module(flash.module).flash_attn_func
     except ImportError as error:
         raise RuntimeError(
-            f"{label} needs the {package} package (pip install 'worldgen[{kernel}]'): {error}"
+            f"{flash.label} needs the {flash.package} package (pip install 'worldgen[{kernel}]'): {error}"
         ) from error
 
 
@@ -166,7 +183,7 @@ def _flash_function(kernel: str, query: Tensor, name: str) -> Callable[..., Any]
 @torch.library.custom_op("worldgen::fa4_attention", mutates_args=())
 def fa4_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     """FlashAttention-4 forward, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D], softmax scale 1/sqrt(D)."""
-    flash_attn_func = _flash_function("fa4", query, "flash_attn_func")
+    flash_attn_func = _flash_attn_func("fa4", query)
     with torch.cuda.device(query.device):
         return flash_attn_func(query, key, value)[0]
 
@@ -177,7 +194,7 @@ def fa3_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
 
     e4m3 inputs are taken as they are (no descale given: the kernel reads it as 1) and give a bf16 output.
     """
-    flash_attn_func = _flash_function("fa3", query, "flash_attn_func")
+    flash_attn_func = _flash_attn_func("fa3", query)
     with torch.cuda.device(query.device):
         return flash_attn_func(query, key, value)
 
