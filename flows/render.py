@@ -199,6 +199,8 @@ def render_manifest(
     attention: str = "auto",
     compile: bool = False,
     fp8: bool = False,
+    triton_kernels: bool = False,
+    gelu_epilogue: bool = False,
     overlap: bool = False,
     write_video: bool = True,
     runner: str = "local",
@@ -222,6 +224,8 @@ def render_manifest(
         attention=attention,
         compile=compile,
         fp8=fp8,
+        triton_kernels=triton_kernels,
+        gelu_epilogue=gelu_epilogue,
         overlap=overlap,
     ).resolved()
     batch = {

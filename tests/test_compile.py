@@ -78,10 +78,12 @@ def test_compiled_rollout_equals_eager_without_recompiling(fresh_dynamo: None) -
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @torch.no_grad()
 def test_compiled_bf16_and_fp8_match_eager_on_gpu(fresh_dynamo: None) -> None:
-    """The GPU setting: bf16 compute, cuDNN/flash attention, fp8 layers on the kernel path where available."""
-    for quantise in (False, True):
+    """The GPU setting: bf16 compute, cuDNN/flash attention, fp8 layers on the kernel path where available;
+    then the fused kernels (Triton norm+RoPE, GELU epilogue)."""
+    for quantise, fused in ((False, False), (True, False), (False, True)):
         model = tiny_model().cuda().set_compute_dtype(torch.bfloat16)
         model.attention_backend = "auto"
+        model.fused_norm_rope = model.gelu_epilogue = fused
         if quantise:
             quantize_dit(model)
         inputs = {name: t.cuda() for name, t in chunk_inputs(10, model.config).items()}

@@ -27,7 +27,16 @@ from worldgen.models.attention import (
     flash_usable,
     visibility_mask,
 )
-from worldgen.models.dit import CausalDiT, apply_rope, rope_split, rope_tables, sinusoidal_embedding
+from worldgen.models.dit import (
+    CausalDiT,
+    FeedForward,
+    RMSNorm,
+    apply_rope,
+    norm_rope,
+    rope_split,
+    rope_tables,
+    sinusoidal_embedding,
+)
 from worldgen.models.kv_cache import E4M3, KVCache, to_e4m3
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -321,6 +330,70 @@ def test_fp8_attention_rollout_stays_close_to_bf16() -> None:
     assert eight_bit.isfinite().all() and 0 < error < 0.05, error
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_norm_rope_kernel_matches_the_model_ops() -> None:
+    """The Triton kernel at the full model's width, into a fresh tensor and into a strided slice of a
+    batch-2 cache, in bf16 and e4m3 (with magnitudes past 448 that must saturate, not turn NaN)."""
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    grid, width, head_dim = (2, 6, 10), 5120, 128
+    tokens = grid[0] * grid[1] * grid[2]
+    x = (3 * torch.randn(2, tokens, width, device="cuda", generator=generator)).bfloat16()
+    norm = RMSNorm(width, 1e-6).cuda()
+    norm.weight.copy_(1 + torch.randn(width, device="cuda", generator=generator))
+    rope = rope_tables(head_dim, 17, grid, torch.device("cuda"), torch.float32)
+    exact = apply_rope(norm(x).unflatten(-1, (-1, head_dim)), *rope).flatten(2)
+    fresh = norm_rope(x, norm, rope, torch.empty_like(x))
+    torch.testing.assert_close(fresh.float(), exact, rtol=2**-7, atol=1e-5)  # one bf16 rounding
+    cache = torch.zeros(2, 3 * tokens, width, device="cuda", dtype=torch.bfloat16)
+    norm_rope(x, norm, rope, cache[:, tokens : 2 * tokens])
+    assert torch.equal(cache[:, tokens : 2 * tokens], fresh) and not cache[:, :tokens].any()
+    assert not cache[:, 2 * tokens :].any()
+    norm.weight.mul_(200.0)  # magnitudes up to ~2000: past e4m3's 448
+    exact = apply_rope(norm(x).unflatten(-1, (-1, head_dim)), *rope).flatten(2)
+    e4m3 = norm_rope(x, norm, rope, torch.empty_like(x, dtype=E4M3)).float()
+    assert e4m3.isfinite().all() and e4m3.abs().max() == 448.0
+    torch.testing.assert_close(e4m3, exact.clamp(-448, 448), rtol=2**-4, atol=2**-6)  # 3 mantissa bits
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_gelu_epilogue_matches_linear_then_gelu() -> None:
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    ffn = FeedForward(256, 1024, 256).cuda().bfloat16()
+    x = torch.randn(2, 3, 40, 256, device="cuda", generator=generator)
+    exact = FeedForward.forward(copy.deepcopy(ffn).float(), x)
+    for compiled in (False, True):
+        forward = torch.compile(ffn, fullgraph=True, dynamic=False) if compiled else ffn
+        fused, unfused = forward(x, gelu_epilogue=True), forward(x)
+        assert fused.shape == exact.shape and fused.dtype == torch.bfloat16
+        for result in (fused, unfused):
+            assert ((result.float() - exact).norm() / exact.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_kernels_rollout_matches_the_model_ops(compiled: bool) -> None:
+    """The tiny model's chunked rollout in bf16 with the Triton norm+RoPE and the GELU epilogue against
+    the same rollout without them: equal up to bf16 rounding, eager and with compiled blocks."""
+    model = _tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
+    inputs = Inputs(**{name: t.cuda() for name, t in vars(_inputs(model, 8, torch.float32)).items()})
+    velocities = {}
+    for fused in (False, True):
+        model.fused_norm_rope = model.gelu_epilogue = fused
+        if compiled and fused:
+            for block in model.blocks:
+                block.compile(dynamic=False)
+        calls, _ = _rollout(model, inputs, chunk=2, window=5, sink=1, kv_only_update=True)
+        velocities[fused] = torch.stack([call.velocity for call in calls])
+    error = ((velocities[True] - velocities[False]).norm() / velocities[False].norm()).item()
+    assert velocities[True].isfinite().all() and error < 1e-2, error
+
+
 # ------------------------------------------------------------------------------------- tiny model rollouts
 @dataclass
 class Inputs:
@@ -424,6 +497,22 @@ def test_update_cache_writes_what_the_whole_timestep_0_forward_writes() -> None:
     for expected, call in zip(denoising, kv_only, strict=True):
         assert torch.equal(call.velocity, expected.velocity)
     assert all(torch.equal(a, b) for a, b in zip(kv_only_chunks, whole_chunks, strict=True))
+
+
+@torch.no_grad()
+def test_fused_norm_rope_writes_the_cache_the_model_ops_write() -> None:
+    """On a CPU `norm_rope` runs the model's own ops, so this checks the fused path's plumbing: Q normed and
+    rotated in `attend`, K written straight into the cache's slots (2-frame chunks in a 4-frame ring cross
+    its end: two runs per write) by the denoising passes and by `update_cache`."""
+    model = _tiny_model()
+    inputs = _inputs(model, 8)
+    rollouts = {}
+    for fused in (False, True):
+        model.fused_norm_rope = fused
+        calls, clean = _rollout(model, inputs, chunk=2, window=5, sink=1, kv_only_update=True)
+        rollouts[fused] = torch.stack([call.velocity for call in calls]), torch.cat(clean, dim=2)
+    for expected, fused in zip(rollouts[False], rollouts[True], strict=True):
+        torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_update_cache_needs_a_cache() -> None:
@@ -558,12 +647,14 @@ def test_bad_inputs_raise_clear_errors() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("backend", ["auto", "fp8"])
-def test_cached_passes_never_synchronise_with_the_device(backend: str) -> None:
+def test_cached_passes_never_synchronise_with_the_device(backend: str, fused: bool) -> None:
     if backend == "fp8" and not flash_usable("fa3", torch.device("cuda")):
         pytest.skip("needs the fa3-fwd package and a Hopper GPU")
     model = _tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
     model.attention_backend = backend
+    model.fused_norm_rope = model.gelu_epilogue = fused
     inputs = _inputs(model, 6, torch.float32)
     x, y, control = (t.cuda() for t in (inputs.noise, inputs.y, inputs.control))
     text = model.prepare_text(inputs.context.cuda())

@@ -227,6 +227,10 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
             ChunkedGenerator(EngineSettings(device="cuda", attention="fp8"))
     with pytest.raises(ValueError, match="unknown attention backend 'fa2'"):
         EngineSettings(attention="fa2").resolved()
+    with pytest.raises(ValueError, match="triton_kernels and gelu_epilogue run CUDA kernels; device is cpu"):
+        EngineSettings(triton_kernels=True, gelu_epilogue=True).resolved()
+    with pytest.raises(ValueError, match="no fused kernels"):
+        EngineSettings(device="cuda", plain=True, gelu_epilogue=True).resolved()
     fp8 = ChunkedGenerator(EngineSettings(model="tiny", dtype="bfloat16", fp8=True))
     result = render_job(fp8, tiny_job(), tmp_path, progress=False)
     table = read_timings(tmp_path / "tiny" / TIMINGS)

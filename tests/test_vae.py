@@ -113,14 +113,15 @@ class _Conv3dLayouts(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize(
     ("spatial_dims", "dtype", "tolerance"),
     [(2, torch.float64, 1e-12), (3, torch.float64, 1e-12), (3, torch.float32, 1e-6)],
 )
 def test_channels_last_rms_norm_is_the_checkpoints_normalize(
-    spatial_dims: int, dtype: torch.dtype, tolerance: float
+    spatial_dims: int, dtype: torch.dtype, tolerance: float, silu: bool
 ) -> None:
-    norm = RMSNorm(6, spatial_dims).to(dtype)
+    norm = RMSNorm(6, spatial_dims, silu=silu).to(dtype)
     with torch.no_grad():
         norm.gamma.normal_()
     layout = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
@@ -128,10 +129,48 @@ def test_channels_last_rms_norm_is_the_checkpoints_normalize(
     x[0, :, 0] = 0.0  # zero channel vectors stay zero, as normalize leaves them
     x[1, :, 0] *= 1e-6  # small ones are scaled up to unit RMS like any other
     expected = F.normalize(x, dim=1) * 6**0.5 * norm.gamma
+    expected = F.silu(expected) if silu else expected
+    torch.testing.assert_close(norm(x), expected, rtol=tolerance, atol=tolerance)
     norm.channels_last = True
     fused = norm(x)
     assert fused.is_contiguous(memory_format=layout)
     torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_triton_norms_match_the_channels_last_norm() -> None:
+    """The Triton RMSNorm (+ SiLU) at the full VAE's channel counts in bf16, rows that fill no whole tile,
+    against the same norm in float32; then the tiny VAE's decode with every norm on it."""
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    for channels, shape, layout in ((96, (1, 96, 3, 10, 14), torch.channels_last_3d),
+                                    (384, (3, 384, 6, 10), torch.channels_last)):  # fmt: skip
+        x = (4 * torch.randn(shape, device="cuda", generator=generator)).bfloat16()
+        x = x.contiguous(memory_format=layout)
+        norm = RMSNorm(channels, len(shape) - 2).cuda()
+        norm.gamma.uniform_(0.5, 1.5, generator=generator)
+        norm.gamma.copy_(norm.gamma.bfloat16())  # the same gains in float32 and bf16
+        norm.channels_last = True
+        for silu in (False, True):
+            norm.silu, norm.triton = silu, False
+            exact = norm(x.float())
+            norm.bfloat16().triton = True
+            result = norm(x)
+            norm.float()
+            assert result.dtype == torch.bfloat16 and result.is_contiguous(memory_format=layout)
+            # One bf16 rounding of the float32 result: 2^-8.
+            torch.testing.assert_close(result.float(), exact, rtol=2**-7, atol=1e-5)
+    model = _random_vae(dtype=torch.float32).cuda()
+    latents = _latents(torch.float32).cuda()
+    reference = model.decode(latents)
+    model.to(torch.bfloat16)
+    errors = {}
+    for triton in (False, True):
+        model.set_triton_norms(triton)
+        errors[triton] = ((model.decode(latents).float() - reference).norm() / reference.norm()).item()
+    # The Triton path rounds once where the eager one rounds after the norm and again after the SiLU.
+    assert errors[True] < max(1.5 * errors[False], 1e-3), errors
 
 
 def test_channels_last_path_equals_plain_path() -> None:

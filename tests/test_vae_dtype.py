@@ -131,3 +131,15 @@ def test_vae_dtype_reaches_the_render_and_bench_settings(tmp_path) -> None:
     paths = json.loads((out / "bench.json").read_text())["paths"]
     assert paths["fast"]["engine"]["vae_dtype"] == "bfloat16"
     assert paths["plain"]["engine"]["vae_dtype"] == "float32"
+
+
+def test_fast_path_switches_reach_the_render_and_bench_settings(tmp_path) -> None:
+    parser = build_parser()
+    switches = ["--compile", "--triton-kernels", "--gelu-epilogue"]
+    names = ("compile", "triton_kernels", "gelu_epilogue")
+    render = engine_options(parser.parse_args(["render", "--job", "j.json", "--out", "o", *switches]))
+    assert all(render[name] is True for name in names)
+    bench_args = vars(parser.parse_args(["bench", "--out", "o", *switches]))
+    bench = BenchSettings(out=tmp_path, device="cuda", **{name: bench_args[name] for name in names})
+    fast, plain = bench.engine(), bench.engine(plain=True)  # resolving needs no GPU
+    assert all(getattr(fast, name) is True and getattr(plain, name) is False for name in names)

@@ -89,6 +89,8 @@ class BenchSettings:
     compare_plain: bool = False
     compile: bool = False  # the fast path's blocks compiled (the plain path never is)
     fp8: bool = False  # the fast path's token-wise matmuls in fp8 (the plain path stays bf16)
+    triton_kernels: bool = False  # the fast path's Triton kernels (DiT norm + RoPE, VAE norm + SiLU)
+    gelu_epilogue: bool = False  # the fast path's FFN GELU in the GEMM epilogue
     overlap: bool = False  # the fast path decodes chunk i on a side stream during chunk i+1's DiT
     profile: bool = False
     sync_check: bool | None = None  # None: on for CUDA (the check needs CUDA's sync debug mode)
@@ -140,6 +142,8 @@ class BenchSettings:
             plain=plain,
             compile=self.compile and not plain,
             fp8=self.fp8 and not plain,
+            triton_kernels=self.triton_kernels and not plain,
+            gelu_epilogue=self.gelu_epilogue and not plain,
             overlap=self.overlap and not plain,
             weights_seed=self.weights_seed,
         ).resolved()
@@ -500,7 +504,15 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         prompts = Path(inputs) / "prompts"
         if settings.eight_bit:  # the bf16 reference runs before fp8 replaces the shared DiT's layers
             exact = "auto" if settings.attention == "fp8" else engines["fast"].attention  # as bf16 kernels
-            bf16 = replace(engines["fast"], compile=False, fp8=False, overlap=False, attention=exact)
+            bf16 = replace(
+                engines["fast"],
+                compile=False,
+                fp8=False,
+                triton_kernels=False,
+                gelu_epilogue=False,
+                overlap=False,
+                attention=exact,
+            )
             reference = first_latents(bench_generator(bf16, (dit, vae), text, job, prompts), job, prompts)
         for name, engine in engines.items():
             generator = bench_generator(engine, (dit, vae), text, job, prompts)

@@ -51,6 +51,8 @@ def _bench(args: argparse.Namespace) -> int:
         compare_plain=args.compare == "plain",
         compile=args.compile,
         fp8=args.fp8,
+        triton_kernels=args.triton_kernels,
+        gelu_epilogue=args.gelu_epilogue,
         overlap=args.overlap,
         profile=args.profile,
         sync_check=args.sync_check,
@@ -92,11 +94,33 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="auto", help=ATTENTION_HELP)
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
     parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
+    add_fused_arguments(parser)
     parser.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
     parser.add_argument("--no-write-video", dest="write_video", action="store_false")
 
 
-ENGINE_OPTIONS = ("model", "device", "dtype", "vae_dtype", "attention", "compile", "fp8", "overlap")
+def add_fused_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hand-fused kernels' switches (CUDA), shared by render and bench."""
+    parser.add_argument(
+        "--triton-kernels", action="store_true", help="DiT q/k norm + RoPE, VAE norm + SiLU in Triton (CUDA)"
+    )
+    parser.add_argument(
+        "--gelu-epilogue", action="store_true", help="the FFN's GELU in its GEMM's epilogue (CUDA)"
+    )
+
+
+ENGINE_OPTIONS = (
+    "model",
+    "device",
+    "dtype",
+    "vae_dtype",
+    "attention",
+    "compile",
+    "fp8",
+    "triton_kernels",
+    "gelu_epilogue",
+    "overlap",
+)
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
@@ -142,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=["plain"], default=None, help="also run the plain path")
     bench.add_argument("--compile", action="store_true", help="torch.compile the fast path's DiT blocks")
     bench.add_argument("--fp8", action="store_true", help="fp8 (e4m3, row-scaled) matmuls on the fast path")
+    add_fused_arguments(bench)
     bench.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
     bench.add_argument("--profile", action="store_true", help="profile one more chunk per path")
     bench.add_argument(

@@ -15,6 +15,8 @@ eager without failing. So `SelfAttention.attend` (cache write + SDPA, in worldge
 `torch.compiler.disable`d: the ints never reach a guard, and the two ops it runs are single kernels that
 compilation would not fuse anyway. Everything else in a block is compiled: the norms, modulation, RoPE,
 gates and residuals, the q/k/v/o, camera and FFN projections (and their fp8 quantisation), cross-attention.
+With the model's `fused_norm_rope`, the q/k RMSNorm + RoPE move into `attend` as well: one Triton kernel
+each, which writes the keys into the cache (worldgen/models/triton_kernels.py).
 
 Graphs to expect, per distinct pass shape (batch, latent frames, latent height x width) and dtype: 4,
 shared by all blocks (the block up to its self-attention; q/k/v + RoPE; the o projection; the rest of the

@@ -96,6 +96,10 @@ class EngineSettings:
     plain: bool = False
     compile: bool = False  # torch.compile every DiT block (worldgen/compile.py)
     fp8: bool = False  # e4m3 row-scaled matmuls for the DiT's token-wise layers (worldgen/quant.py)
+    # Triton kernels (worldgen/models/triton_kernels.py): the DiT's q/k RMSNorm + RoPE, K written straight
+    # into the cache; the VAE's RMSNorm + SiLU
+    triton_kernels: bool = False
+    gelu_epilogue: bool = False  # the FFN's bias + GELU in cuBLASLt's GEMM epilogue
     overlap: bool = False  # decode chunk i on a side stream while the DiT generates chunk i+1
     weights_seed: int = 0  # seed of the random weights of a preset
 
@@ -119,8 +123,13 @@ class EngineSettings:
             raise ValueError(
                 f"attention {attention!r} runs a bfloat16 model on CUDA, not {dtype} on {device.type}"
             )
-        if self.plain and (self.compile or self.fp8 or attention == "fp8"):
-            raise ValueError("the plain path is the uncompiled bf16 yardstick: no compile, no fp8")
+        fused = [name for name in ("triton_kernels", "gelu_epilogue") if getattr(self, name)]
+        if fused and device.type != "cuda":
+            raise ValueError(f"{' and '.join(fused)} run CUDA kernels; device is {device.type}")
+        if self.plain and (self.compile or self.fp8 or attention == "fp8" or fused):
+            raise ValueError(
+                "the plain path is the uncompiled bf16 yardstick: no compile, no fp8, no fused kernels"
+            )
         if self.plain and vae_dtype == "bfloat16":
             raise ValueError("the plain path is the yardstick: its VAE runs in float32, not bfloat16")
         return replace(self, device=str(device), dtype=dtype, vae_dtype=vae_dtype)
@@ -253,9 +262,12 @@ class ChunkedGenerator:
         else:
             self.dit.set_compute_dtype(self.dtype)
         self.dit.attention_backend = settings.attention
+        self.dit.fused_norm_rope = settings.triton_kernels
+        self.dit.gelu_epilogue = settings.gelu_epilogue
         self.dit.eval().requires_grad_(False)
         self.vae.eval().requires_grad_(False)
         self.vae.set_channels_last(not settings.plain)
+        self.vae.set_triton_norms(settings.triton_kernels)
         if settings.fp8:
             quantize_dit(self.dit)
         if settings.compile:

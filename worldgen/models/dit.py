@@ -26,6 +26,10 @@ Public API (what the generator calls)::
 - Plain path (the benchmark yardstick): pass the raw `context` tensor and/or the raw control tensor
   instead of the prepared states; the forward then recomputes the text embedding, every block's text K/V,
   the control tokens and every block's camera modulation inside the pass. Outputs are identical.
+- Fast-path kernels (off by default; the generator's `--triton-kernels` / `--gelu-epilogue`):
+  `model.fused_norm_rope = True` runs the cached passes' q/k RMSNorm + RoPE as one Triton kernel on CUDA
+  that writes the keys straight into the cache (the model's own ops elsewhere); `model.gelu_epilogue =
+  True` runs the FFN's bias + GELU in cuBLASLt's GEMM epilogue on CUDA.
 - Oracle path: `model(x, t, y, context, control, attn_mask=visibility_mask(...))` with no cache runs one
   full-sequence forward over all frames given, with per-frame timesteps [B, F].
 
@@ -87,6 +91,30 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = _upcast(x)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class FeedForward(nn.Sequential):
+    """Linear, tanh GELU, Linear: the blocks' FFN and the text embedding (checkpoint keys `.0`, `.2`)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int) -> None:
+        super().__init__(
+            Linear(in_features, hidden_features),
+            nn.GELU(approximate="tanh"),
+            Linear(hidden_features, out_features),
+        )
+
+    def forward(self, x: Tensor, gelu_epilogue: bool = False) -> Tensor:
+        up, gelu, down = self
+        if gelu_epilogue and isinstance(up, Linear) and up.weight.is_cuda:
+            # cuBLASLt adds the bias and applies GELU (its tanh form, this layer's) in the GEMM's epilogue:
+            # the hidden state is written once instead of written, read and written again. The CPU kernel
+            # computes the exact GELU instead, hence CUDA only.
+            rows = x.reshape(-1, x.shape[-1]).to(up.weight.dtype)
+            hidden = torch._addmm_activation(up.bias, rows, up.weight.t(), use_gelu=True)
+            hidden = hidden.view(*x.shape[:-1], -1)
+        else:
+            hidden = gelu(up(x))
+        return down(hidden)
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
@@ -155,14 +183,29 @@ class ControlState:
 
 @dataclass(frozen=True)
 class _PassContext:
-    """What every self-attention of one forward shares."""
+    """What every block of one forward shares. The flags are plain bools: a compiled block guards on them."""
 
-    rope: tuple[Tensor, Tensor]
+    rope: tuple[Tensor, Tensor]  # cos, sin [tokens, 1, head_dim / 2]
     cache: KVCache | None
     mask: Tensor | None
     backend: AttentionBackend
-    # The cache holds e4m3 (backend `fp8`): a plain flag, so a compiled block guards on it, not on the cache.
-    e4m3: bool = False
+    e4m3: bool = False  # the cache holds e4m3 (backend `fp8`)
+    fused_norm_rope: bool = False  # q/k RMSNorm + RoPE as one kernel in `attend` (cached passes only)
+    gelu_epilogue: bool = False  # the FFN's GELU inside its first GEMM (CUDA)
+
+
+def norm_rope(x: Tensor, norm: RMSNorm, rope: tuple[Tensor, Tensor], out: Tensor) -> Tensor:
+    """RoPE(norm(x)) for x [B, T, dim] written into `out` [B, T, dim] (a slice of the KV cache, say), in
+    out's dtype (e4m3 saturated); rope is (cos, sin) [T, 1, head_dim / 2]. One Triton kernel on CUDA
+    (worldgen/models/triton_kernels.py), the model's own ops elsewhere."""
+    cos, sin = rope
+    if x.is_cuda:
+        from worldgen.models.triton_kernels import norm_rope as kernel  # Triton: imported where it can run
+
+        kernel(x, norm.weight, norm.eps, cos[:, 0], sin[:, 0], out)
+        return out
+    rotated = apply_rope(norm(x).unflatten(-1, (-1, 2 * cos.shape[-1])), cos, sin).flatten(2)
+    return out.copy_(to_e4m3(rotated) if out.dtype == E4M3 else rotated)
 
 
 class _Attention(nn.Module):
@@ -194,16 +237,37 @@ class SelfAttention(_Attention):
         """x [B, F, S, dim] -> [B, F, S, dim]: attends to the cache (and this pass's frames) or, without a
         cache, to the frames of x under `ctx.mask`."""
         tokens = x.flatten(1, 2)
-        query = apply_rope(self._heads(self.norm_q(self.q(tokens))), *ctx.rope).to(self.q.output_dtype)
-        query = to_e4m3(query) if ctx.e4m3 else query
+        query = self.q(tokens) if ctx.fused_norm_rope else self._rotated(self.q, self.norm_q, tokens, ctx)
         return self._output(self.attend(query, *self.key_value(tokens, ctx), ctx), x.shape)
 
     def key_value(self, tokens: Tensor, ctx: _PassContext) -> tuple[Tensor, Tensor]:
         """Tokens [B, L, dim] -> this pass's K (normed, rotated) and V, [B, L, heads, head_dim] each; in
-        e4m3 for an e4m3 cache (cast here, where a compiled block fuses it into RoPE, not in the cache)."""
-        key = apply_rope(self._heads(self.norm_k(self.k(tokens))), *ctx.rope).to(self.k.output_dtype)
+        e4m3 for an e4m3 cache (cast here, where a compiled block fuses it into RoPE, not in the cache).
+        With `fused_norm_rope`, K is the projection [B, L, dim] alone: `store_kv` norms and rotates it."""
         value = self._heads(self.v(tokens))
-        return (to_e4m3(key), to_e4m3(value)) if ctx.e4m3 else (key, value)
+        value = to_e4m3(value) if ctx.e4m3 else value
+        if ctx.fused_norm_rope:
+            return self.k(tokens), value
+        return self._rotated(self.k, self.norm_k, tokens, ctx), value
+
+    def _rotated(self, projection: nn.Module, norm: RMSNorm, tokens: Tensor, ctx: _PassContext) -> Tensor:
+        """RoPE(norm(projection(tokens))) [B, L, heads, head_dim] in the attention's dtype."""
+        rotated = apply_rope(self._heads(norm(projection(tokens))), *ctx.rope).to(projection.output_dtype)
+        return to_e4m3(rotated) if ctx.e4m3 else rotated
+
+    def store_kv(self, key: Tensor, value: Tensor, ctx: _PassContext) -> tuple[Tensor, Tensor]:
+        """Write this pass's K/V into the cache; returns the visible K and V. With `fused_norm_rope` the
+        kernel writes normed, rotated K straight into the cache's slots: no K tensor of its own, no copy."""
+        cache = ctx.cache
+        if cache is None:
+            raise ValueError("store_kv needs the pass's KV cache")
+        if not ctx.fused_norm_rope:
+            return cache.update(self.layer, key, value)
+        cos, sin = ctx.rope
+        for tokens, key_slots, value_slots in cache.runs(self.layer):
+            norm_rope(key[:, tokens], self.norm_k, (cos[tokens], sin[tokens]), key_slots.flatten(2))
+            value_slots.copy_(value[:, tokens])
+        return cache.visible(self.layer)
 
     # The cache cursors are host ints that change from chunk to chunk (slots, visible length), and this
     # layer's index differs from block to block: a compiled block (worldgen/compile.py) that traced them
@@ -212,8 +276,11 @@ class SelfAttention(_Attention):
     @torch.compiler.disable
     def attend(self, query: Tensor, key: Tensor, value: Tensor, ctx: _PassContext) -> Tensor:
         """Write this pass's K/V into the cache (if any), then attend to what the queries may see."""
+        if ctx.fused_norm_rope:  # Q is the projection [B, L, dim]: norm and rotate it here
+            dtype = E4M3 if ctx.e4m3 else query.dtype
+            query = self._heads(norm_rope(query, self.norm_q, ctx.rope, torch.empty_like(query, dtype=dtype)))
         if ctx.cache is not None:
-            key, value = ctx.cache.update(self.layer, key, value)
+            key, value = self.store_kv(key, value, ctx)
         return attention(query, key, value, ctx.backend, ctx.mask)
 
 
@@ -237,9 +304,7 @@ class DiTBlock(nn.Module):
         self.self_attn = SelfAttention(dim, config.num_heads, eps, layer)
         self.cross_attn = CrossAttention(dim, config.num_heads, eps)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
-        self.ffn = nn.Sequential(
-            Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), Linear(config.ffn_dim, dim)
-        )
+        self.ffn = FeedForward(dim, config.ffn_dim, dim)
         self.cam_injector_layer1 = Linear(dim, dim)
         self.cam_injector_layer2 = Linear(dim, dim)
         self.cam_scale_layer = Linear(dim, dim)
@@ -260,17 +325,23 @@ class DiTBlock(nn.Module):
     ) -> Tensor:
         """x [B, F, S, dim] residual stream; time_mod [B, F, 6, dim] time projection of each frame."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self._modulation(time_mod)
-        x = x + gate_msa * self.self_attn(_modulate(x, shift_msa, scale_msa, self.eps), ctx)
+        x = x + gate_msa * self.self_attn(self._attention_input(x, shift_msa, scale_msa), ctx)
         cam_scale, cam_shift = camera
         x = x * (1 + _upcast(cam_scale)) + cam_shift
         x = x + self.cross_attn(self.norm3(x), text_kv, ctx.backend)
-        return x + gate_mlp * self.ffn(_modulate(x, shift_mlp, scale_mlp, self.eps))
+        return x + gate_mlp * self.ffn(_modulate(x, shift_mlp, scale_mlp, self.eps), ctx.gelu_epilogue)
 
-    def write_kv(self, x: Tensor, time_mod: Tensor, cache: KVCache, ctx: _PassContext) -> None:
+    def write_kv(self, x: Tensor, time_mod: Tensor, ctx: _PassContext) -> None:
         """The start of `forward`: write this pass's K/V of x into the cache, and stop there."""
         shift_msa, scale_msa, *_ = self._modulation(time_mod)
-        tokens = _modulate(x, shift_msa, scale_msa, self.eps).flatten(1, 2)
-        cache.update(self.self_attn.layer, *self.self_attn.key_value(tokens, ctx))
+        tokens = self._attention_input(x, shift_msa, scale_msa).flatten(1, 2)
+        self.self_attn.store_kv(*self.self_attn.key_value(tokens, ctx), ctx)
+
+    def _attention_input(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        """The modulated stream in the dtype the q/k/v projections compute in (bf16 for bf16 and fp8
+        layers). Cast here, a compiled block's first graph writes bf16 where it would write float32 for
+        the self-attention's graph to read back and cast (SelfAttention is a graph of its own: compile.py)."""
+        return _modulate(x, shift, scale, self.eps).to(self.self_attn.q.output_dtype)
 
     def _modulation(self, time_mod: Tensor) -> tuple[Tensor, ...]:
         """Shift, scale and gate of self-attention, then of the FFN: [B, F, 1, dim] each, one per frame,
@@ -304,15 +375,17 @@ class CausalDiT(nn.Module):
             raise ValueError(f"DiTConfig.patch_size {config.patch_size}: the causal model patches 1 frame")
         self.config = config
         self.attention_backend = attention_backend
+        # Hand-fused kernels of the fast path, off by default (the plain path never sets them): q/k RMSNorm
+        # + RoPE as one Triton kernel writing K into the cache, and the FFN's GELU in its GEMM (CUDA).
+        self.fused_norm_rope = False
+        self.gelu_epilogue = False
         dim, patch = config.dim, config.patch_size
         patch_volume = patch[0] * patch[1] * patch[2]
         self.patch_embedding = Conv3d(config.in_dim, dim, kernel_size=patch, stride=patch)
         self.patch_embedding_wancamctrl = Linear(config.control_channels * patch_volume, dim)
         self.c2ws_hidden_states_layer1 = Linear(dim, dim)
         self.c2ws_hidden_states_layer2 = Linear(dim, dim)
-        self.text_embedding = nn.Sequential(
-            Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), Linear(dim, dim)
-        )
+        self.text_embedding = FeedForward(config.text_dim, dim, dim)
         self.time_embedding = nn.Sequential(Linear(config.freq_dim, dim), nn.SiLU(), Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(DiTBlock(config, layer) for layer in range(config.num_layers))
@@ -447,7 +520,7 @@ class CausalDiT(nn.Module):
         *blocks, last = self.blocks
         for block, text_kv, camera in zip(blocks, text.kv[:-1], control.modulation[:-1], strict=True):
             stream = block(stream, time_mod, text_kv, camera, ctx)
-        last.write_kv(stream, time_mod, cache, ctx)
+        last.write_kv(stream, time_mod, ctx)
 
     def _states(
         self, text: TextState | Tensor, control: ControlState | Tensor, batch: int, grid: tuple[int, int, int]
@@ -477,8 +550,16 @@ class CausalDiT(nn.Module):
         rope = rope_tables(self.config.head_dim, first_latent_frame, grid, x.device, stream.dtype)
         if cache is not None:
             cache.begin_pass(first_latent_frame, grid[0])
-        e4m3 = cache is not None and cache.keys.dtype == E4M3
-        return stream, time_emb, time_mod, _PassContext(rope, cache, attn_mask, self.attention_backend, e4m3)
+        ctx = _PassContext(
+            rope,
+            cache,
+            attn_mask,
+            self.attention_backend,
+            e4m3=cache is not None and cache.keys.dtype == E4M3,
+            fused_norm_rope=self.fused_norm_rope and cache is not None,
+            gelu_epilogue=self.gelu_epilogue,
+        )
+        return stream, time_emb, time_mod, ctx
 
     def _check_inputs(
         self, x: Tensor, y: Tensor, cache: KVCache | None, attn_mask: Tensor | None

@@ -153,17 +153,26 @@ class KVCache:
         tokens = self.frame_tokens
         return [(src * tokens, dst * tokens, count * tokens) for src, dst, count in runs]
 
+    def runs(self, layer: int) -> list[tuple[slice, Tensor, Tensor]]:
+        """Where this pass's tokens go in `layer`: per contiguous run, (its slice of the pass's tokens, the
+        K slots and V slots [batch, tokens, heads, head_dim] it fills), views to write into."""
+        layer_keys, layer_values = self.keys[layer], self.values[layer]
+        return [
+            (slice(src, src + count), layer_keys[:, dst : dst + count], layer_values[:, dst : dst + count])
+            for src, dst, count in self._writes
+        ]
+
+    def visible(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The K and V the latest pass attends to in `layer`: views of the filled part, its own included."""
+        tokens = self.visible_frames * self.frame_tokens
+        return self.keys[layer][:, :tokens], self.values[layer][:, :tokens]
+
     def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Store this pass's K (after RoPE) and V [batch, tokens, heads, head_dim] for `layer`, cast to
-        the cache's dtype (an e4m3 cache saturates magnitudes beyond 448).
-
-        Returns the visible K and V: views of the filled part of the cache, this pass's tokens included.
-        """
-        layer_keys, layer_values = self.keys[layer], self.values[layer]
-        if layer_keys.dtype == E4M3:  # saturate what is wider: the slice copies' cast alone would not on CUDA
+        the cache's dtype (an e4m3 cache saturates magnitudes beyond 448); returns `visible(layer)`."""
+        if self.keys.dtype == E4M3:  # saturate what is wider: the slice copies' cast alone would not on CUDA
             key, value = (t if t.dtype == E4M3 else to_e4m3(t) for t in (key, value))
-        for src, dst, count in self._writes:
-            layer_keys[:, dst : dst + count] = key[:, src : src + count]
-            layer_values[:, dst : dst + count] = value[:, src : src + count]
-        visible = self.visible_frames * self.frame_tokens
-        return layer_keys[:, :visible], layer_values[:, :visible]
+        for tokens, key_slots, value_slots in self.runs(layer):
+            key_slots.copy_(key[:, tokens])
+            value_slots.copy_(value[:, tokens])
+        return self.visible(layer)

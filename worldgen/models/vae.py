@@ -83,21 +83,34 @@ class RMSNorm(nn.Module):
     broadcast over the channels (about 60 ms of a 0.19 s bf16 chunk decode on H200). With `channels_last`
     (set by `WanVAE.set_channels_last`) the channels are innermost in memory, so the same function runs as
     one `F.rms_norm` over the last dim of a permuted view: x * rsqrt(mean(x^2) + eps) * gamma, with eps
-    standing in for normalize's 1e-12 clamp on the norm.
+    standing in for normalize's 1e-12 clamp on the norm. With `triton` (`WanVAE.set_triton_norms`), a CUDA
+    tensor whose channels are innermost takes one Triton kernel (worldgen/models/triton_kernels.py) for the
+    norm and the SiLU.
+
+    `silu`: the norm followed by SiLU, as the residual blocks and the head always pair them (the checkpoint's
+    SiLU at the next index holds no weights; it is an Identity here).
     """
 
-    def __init__(self, dim: int, spatial_dims: int) -> None:
+    def __init__(self, dim: int, spatial_dims: int, silu: bool = False) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
         self.scale = dim**0.5
         self.eps = 1e-24 / dim  # (1e-12)^2 / C: normalize's clamp, on the mean square
+        self.silu = silu
         self.channels_last = False
+        self.triton = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.triton and x.is_cuda and x.movedim(1, -1).is_contiguous():
+            from worldgen.models.triton_kernels import rms_norm_channels  # Triton: imported where it can run
+
+            return rms_norm_channels(x, self.gamma.flatten(), self.eps, self.silu)
         if self.channels_last:
             normed = F.rms_norm(x.movedim(1, -1), (x.shape[1],), self.gamma.flatten(), self.eps)
-            return normed.movedim(-1, 1)
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+            normed = normed.movedim(-1, 1)
+        else:
+            normed = F.normalize(x, dim=1) * self.scale * self.gamma
+        return F.silu(normed) if self.silu else normed
 
 
 def _frames_to_images(x: Tensor) -> Tensor:
@@ -114,11 +127,11 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Index 5 is the checkpoint's (inference-time no-op) dropout; it keeps the later index at 6.
         self.residual = nn.Sequential(
-            RMSNorm(in_dim, spatial_dims=3),
-            nn.SiLU(),
+            RMSNorm(in_dim, spatial_dims=3, silu=True),
+            nn.Identity(),  # the checkpoint's SiLU, applied by the norm before it
             CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim, spatial_dims=3),
-            nn.SiLU(),
+            RMSNorm(out_dim, spatial_dims=3, silu=True),
+            nn.Identity(),  # SiLU, likewise
             nn.Identity(),
             CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
@@ -217,7 +230,9 @@ def _middle(dim: int) -> nn.Sequential:
 
 
 def _head(dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(RMSNorm(dim, spatial_dims=3), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
+    # Index 1 is the checkpoint's SiLU, applied by the norm.
+    norm = RMSNorm(dim, spatial_dims=3, silu=True)
+    return nn.Sequential(norm, nn.Identity(), CausalConv3d(dim, out_dim, 3, padding=1))
 
 
 class Encoder3d(nn.Module):
@@ -344,6 +359,12 @@ class WanVAE(nn.Module):
                     module.memory_format = layout
             elif isinstance(module, RMSNorm):
                 module.channels_last = enabled
+
+    def set_triton_norms(self, enabled: bool) -> None:
+        """Every RMSNorm (and the SiLU after it) as one Triton kernel on CUDA, with channels-last tensors."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.triton = enabled
 
     def converted(self, dtype: torch.dtype) -> WanVAE:
         """A copy of this VAE with its weights in `dtype` (statistics rebuilt, layout kept); this one is
