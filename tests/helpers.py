@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from worldgen.config import get_preset
@@ -12,6 +14,18 @@ from worldgen.models.dit import CausalDiT
 from worldgen.models.kv_cache import KVCache
 
 ASSETS = Path(__file__).resolve().parents[1] / "manifests" / "assets"
+
+
+def cuda_test(test: Callable[..., None]) -> Callable[..., None]:
+    """What every CUDA test here wears: the `gpu` marker, a skip where no CUDA device is, and no_grad."""
+    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.gpu(needs_cuda(torch.no_grad()(test)))
+
+
+def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative L2 error ||result - reference|| / ||reference||, in float64."""
+    reference = reference.double()
+    return ((result.double() - reference).norm() / reference.norm()).item()
 
 
 def job_row(job_id: str, **changes: Any) -> dict[str, Any]:

@@ -7,13 +7,15 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import cuda_test
 from test_quant import LATENT_HW, chunk_inputs, rollout, tiny_model
 
 from worldgen.compile import compile_dit, dynamo_graph_count, warmup
 from worldgen.quant import fp8_error, quantize_dit
 
-# Graphs per pass shape, shared by every block: the block up to its self-attention, q/k/v + RoPE, the o
-# projection, the rest of the block (the compiler-disabled cache attention splits the block).
+# Graphs per pass shape, shared by every block: the block up to its self-attention, q/k/v (+ RoPE unless
+# the Triton kernel does it), the o projection, the rest of the block (the compiler-disabled cache
+# attention splits the block).
 GRAPHS_PER_SHAPE = 4
 
 
@@ -74,16 +76,14 @@ def test_compiled_rollout_equals_eager_without_recompiling(fresh_dynamo: None) -
         torch.testing.assert_close(compiled_velocity, eager_velocity, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@torch.no_grad()
+@cuda_test
 def test_compiled_bf16_and_fp8_match_eager_on_gpu(fresh_dynamo: None) -> None:
     """The GPU setting: bf16 compute, cuDNN/flash attention, fp8 layers on the kernel path where available;
-    then the fused kernels (Triton norm+RoPE, GELU epilogue)."""
-    for quantise, fused in ((False, False), (True, False), (False, True)):
+    then the fused kernels (Triton norm+RoPE, GELU epilogue), alone and with fp8 layers."""
+    for quantise, fused in ((False, False), (True, False), (False, True), (True, True)):
         model = tiny_model().cuda().set_compute_dtype(torch.bfloat16)
         model.attention_backend = "auto"
-        model.fused_norm_rope = model.gelu_epilogue = fused
+        model.triton_norm_rope = model.gelu_epilogue = fused
         if quantise:
             quantize_dit(model)
         inputs = {name: t.cuda() for name, t in chunk_inputs(10, model.config).items()}

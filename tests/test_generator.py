@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import imageio_ffmpeg
@@ -227,8 +228,13 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
             ChunkedGenerator(EngineSettings(device="cuda", attention="fp8"))
     with pytest.raises(ValueError, match="unknown attention backend 'fa2'"):
         EngineSettings(attention="fa2").resolved()
-    with pytest.raises(ValueError, match="triton_kernels and gelu_epilogue run CUDA kernels; device is cpu"):
+    with pytest.raises(ValueError, match="gelu_epilogue: CUDA kernels, but the device is cpu"):
         EngineSettings(triton_kernels=True, gelu_epilogue=True).resolved()
+    with pytest.raises(ValueError, match="gelu_epilogue is for the bf16 FFN; with fp8 layers leave it off"):
+        EngineSettings(device="cuda", fp8=True, gelu_epilogue=True).resolved()
+    if importlib.util.find_spec("triton") is None:  # a CPU wheel of torch: refused before any model loads
+        with pytest.raises(ValueError, match="triton_kernels needs the triton package"):
+            ChunkedGenerator(EngineSettings(device="cuda", triton_kernels=True))
     with pytest.raises(ValueError, match="no fused kernels"):
         EngineSettings(device="cuda", plain=True, gelu_epilogue=True).resolved()
     fp8 = ChunkedGenerator(EngineSettings(model="tiny", dtype="bfloat16", fp8=True))

@@ -19,7 +19,8 @@ def write_job(folder, job_id: str, denoise: list[float], write: float = 0.5) -> 
     run = RunInfo(
         run_id=f"run-of-{job_id}", job_id=job_id, model="tiny", height=32, width=48, frame_num=41,
         chunk_size=3, local_attn_size=9, sink_size=3, steps=4, seed=0, dtype="float32", attention="sdpa",
-        compile=False, fp8=False, device_name="cpu", torch_version="2.13.0", worldgen_version="0.1.0",
+        compile=False, fp8=False, triton_kernels=False, gelu_epilogue=False, device_name="cpu",
+        torch_version="2.13.0", worldgen_version="0.1.0",
         started_at=datetime(2026, 1, 1, tzinfo=UTC), host="node", gpu=None,
     )  # fmt: skip
     log = TimingLog({"job_id": job_id})

@@ -29,7 +29,8 @@ DESIGN_COLUMNS = [
     "is_warmup", "generate_next_chunk_seconds", "denoise_seconds", "update_cache_seconds", "decode_seconds",
     "write_seconds", "total_seconds", "peak_memory_bytes",
     "model", "height", "width", "frame_num", "chunk_size", "local_attn_size", "sink_size", "steps", "seed",
-    "dtype", "attention", "compile", "fp8", "device_name", "torch_version", "worldgen_version", "started_at",
+    "dtype", "attention", "compile", "fp8", "triton_kernels", "gelu_epilogue", "device_name", "torch_version",
+    "worldgen_version", "started_at",
     "host", "gpu",
 ]  # fmt: skip
 
@@ -49,6 +50,8 @@ RUN = RunInfo(
     attention="sdpa",
     compile=False,
     fp8=False,
+    triton_kernels=False,
+    gelu_epilogue=False,
     device_name="cpu",
     torch_version="2.13.0",
     worldgen_version="0.1.0",

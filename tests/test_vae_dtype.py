@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import relative_error
 from test_bench import TINY_ARGS, TINY_SETTINGS
 from test_generator import tiny_job
 from test_vae import _latents, _random_vae, _video
@@ -24,10 +25,6 @@ from worldgen.render import render_settings_hash
 BF16_TOLERANCE = {"decode": 5e-2, "encode": 1e-2}
 
 
-def _relative_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((x.double() - reference.double()).norm() / reference.double().norm()).item()
-
-
 def test_bfloat16_copy_tracks_float32_and_leaves_the_original() -> None:
     model = _random_vae(dtype=torch.float32)
     latents, video = _latents(torch.float32), _video(torch.float32)
@@ -39,11 +36,14 @@ def test_bfloat16_copy_tracks_float32_and_leaves_the_original() -> None:
     assert bf16.latent_mean.dtype == bf16.latent_std.dtype == torch.float32
     torch.testing.assert_close(bf16.latent_std, model.latent_std, rtol=0, atol=0)
     assert bf16.decoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)  # layout kept
+    model.set_triton_norms(True)  # and the norms' kernel choice (it matters on CUDA only)
+    assert model.converted(torch.bfloat16).decoder.head[0].triton and not bf16.decoder.head[0].triton
+    model.set_triton_norms(False)
 
     decoded, encoded = bf16.decode(latents), bf16.encode(video)
     assert decoded.dtype == torch.bfloat16 and encoded.dtype == torch.float32
     for ours, theirs, tolerance in zip((decoded, encoded), reference, BF16_TOLERANCE.values(), strict=True):
-        assert _relative_l2(ours, theirs) < tolerance
+        assert relative_error(ours, theirs) < tolerance
         assert not torch.equal(ours.float(), theirs)  # bf16 really ran
     for ours, theirs in zip((model.decode(latents), model.encode(video)), reference, strict=True):
         assert torch.equal(ours, theirs)  # the float32 model is untouched

@@ -15,13 +15,14 @@ eager without failing. So `SelfAttention.attend` (cache write + SDPA, in worldge
 `torch.compiler.disable`d: the ints never reach a guard, and the two ops it runs are single kernels that
 compilation would not fuse anyway. Everything else in a block is compiled: the norms, modulation, RoPE,
 gates and residuals, the q/k/v/o, camera and FFN projections (and their fp8 quantisation), cross-attention.
-With the model's `fused_norm_rope`, the q/k RMSNorm + RoPE move into `attend` as well: one Triton kernel
+With the model's `triton_norm_rope`, the q/k RMSNorm + RoPE move into `attend` as well: one Triton kernel
 each, which writes the keys into the cache (worldgen/models/triton_kernels.py).
 
 Graphs to expect, per distinct pass shape (batch, latent frames, latent height x width) and dtype: 4,
-shared by all blocks (the block up to its self-attention; q/k/v + RoPE; the o projection; the rest of the
-block). They are graph breaks at `attend`, which dynamo (nested_graph_breaks off, the default) resolves by
-compiling the self-attention frame on its own, hence 4 graphs and 3 breaks per block instead of 2 and 1.
+shared by all blocks (the block up to its self-attention; q/k/v, with RoPE unless the Triton kernel does
+it; the o projection; the rest of the block). They are graph breaks at `attend`, which dynamo
+(nested_graph_breaks off, the default) resolves by compiling the self-attention frame on its own, hence 4
+graphs and 3 breaks per block instead of 2 and 1.
 No recompiles as the cache fills or the window rolls, from layer to layer, between the denoising and the
 cache-update passes, or with local_attn_size -1. A job with another resolution or chunk size compiles its
 own 4 graphs; `compile_dit` raises the limit to RECOMPILE_LIMIT entries per code object (16 shapes per

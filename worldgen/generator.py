@@ -16,6 +16,7 @@ cache, then the streaming VAE decodes the chunk (9 video frames for chunk 0 of 3
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from collections.abc import Iterator
@@ -125,7 +126,10 @@ class EngineSettings:
             )
         fused = [name for name in ("triton_kernels", "gelu_epilogue") if getattr(self, name)]
         if fused and device.type != "cuda":
-            raise ValueError(f"{' and '.join(fused)} run CUDA kernels; device is {device.type}")
+            raise ValueError(f"{' and '.join(fused)}: CUDA kernels, but the device is {device.type}")
+        if self.gelu_epilogue and self.fp8:
+            # Its GEMM is an fp8 one, whose GELU torch.compile already fuses into the next quantisation.
+            raise ValueError("gelu_epilogue is for the bf16 FFN; with fp8 layers leave it off")
         if self.plain and (self.compile or self.fp8 or attention == "fp8" or fused):
             raise ValueError(
                 "the plain path is the uncompiled bf16 yardstick: no compile, no fp8, no fused kernels"
@@ -226,6 +230,8 @@ class ChunkedGenerator:
         self.settings = settings = settings.resolved()
         self.device = torch.device(settings.device)
         # Checked here, where the model runs, not in `resolved()`: a flow resolves settings on its own host.
+        if settings.triton_kernels and importlib.util.find_spec("triton") is None:
+            raise ValueError("triton_kernels needs the triton package (PyTorch's CUDA wheels bring it)")
         if settings.attention in ("fa3", "fp8") and not flash_usable("fa3", self.device):
             raise ValueError(
                 f"attention {settings.attention!r} runs FlashAttention-3 (pip install 'worldgen[fa3]') on a "
@@ -262,7 +268,7 @@ class ChunkedGenerator:
         else:
             self.dit.set_compute_dtype(self.dtype)
         self.dit.attention_backend = settings.attention
-        self.dit.fused_norm_rope = settings.triton_kernels
+        self.dit.triton_norm_rope = settings.triton_kernels
         self.dit.gelu_epilogue = settings.gelu_epilogue
         self.dit.eval().requires_grad_(False)
         self.vae.eval().requires_grad_(False)
@@ -590,6 +596,8 @@ class Runtime:
             attention=engine.attention,
             compile=engine.compile,
             fp8=engine.fp8,
+            triton_kernels=engine.triton_kernels,
+            gelu_epilogue=engine.gelu_epilogue,
             started_at=datetime.now(UTC),
             **device_environment(self.generator.device),
         )
@@ -613,6 +621,8 @@ class Runtime:
             "plain": engine.plain,
             "compile": engine.compile,
             "fp8": engine.fp8,
+            "triton_kernels": engine.triton_kernels,
+            "gelu_epilogue": engine.gelu_epilogue,
             "overlap": engine.overlap,
             "device": engine.device,
             "seed": job.seed,

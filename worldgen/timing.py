@@ -64,6 +64,8 @@ TIMING_SCHEMA = pa.schema(
         _field("attention", pa.string()),
         _field("compile", pa.bool_()),
         _field("fp8", pa.bool_()),
+        _field("triton_kernels", pa.bool_()),
+        _field("gelu_epilogue", pa.bool_()),
         _field("device_name", pa.string()),
         _field("torch_version", pa.string()),
         _field("worldgen_version", pa.string()),
@@ -93,6 +95,8 @@ class RunInfo:
     attention: str
     compile: bool
     fp8: bool
+    triton_kernels: bool
+    gelu_epilogue: bool
     device_name: str
     torch_version: str
     worldgen_version: str

@@ -27,7 +27,7 @@ Public API (what the generator calls)::
   instead of the prepared states; the forward then recomputes the text embedding, every block's text K/V,
   the control tokens and every block's camera modulation inside the pass. Outputs are identical.
 - Fast-path kernels (off by default; the generator's `--triton-kernels` / `--gelu-epilogue`):
-  `model.fused_norm_rope = True` runs the cached passes' q/k RMSNorm + RoPE as one Triton kernel on CUDA
+  `model.triton_norm_rope = True` runs the cached passes' q/k RMSNorm + RoPE as one Triton kernel on CUDA
   that writes the keys straight into the cache (the model's own ops elsewhere); `model.gelu_epilogue =
   True` runs the FFN's bias + GELU in cuBLASLt's GEMM epilogue on CUDA.
 - Oracle path: `model(x, t, y, context, control, attn_mask=visibility_mask(...))` with no cache runs one
@@ -190,16 +190,16 @@ class _PassContext:
     mask: Tensor | None
     backend: AttentionBackend
     e4m3: bool = False  # the cache holds e4m3 (backend `fp8`)
-    fused_norm_rope: bool = False  # q/k RMSNorm + RoPE as one kernel in `attend` (cached passes only)
+    triton_norm_rope: bool = False  # q/k RMSNorm + RoPE as one kernel in `attend` (cached passes only)
     gelu_epilogue: bool = False  # the FFN's GELU inside its first GEMM (CUDA)
 
 
-def norm_rope(x: Tensor, norm: RMSNorm, rope: tuple[Tensor, Tensor], out: Tensor) -> Tensor:
+def norm_rope_into(x: Tensor, norm: RMSNorm, rope: tuple[Tensor, Tensor], out: Tensor) -> Tensor:
     """RoPE(norm(x)) for x [B, T, dim] written into `out` [B, T, dim] (a slice of the KV cache, say), in
     out's dtype (e4m3 saturated); rope is (cos, sin) [T, 1, head_dim / 2]. One Triton kernel on CUDA
-    (worldgen/models/triton_kernels.py), the model's own ops elsewhere."""
+    (worldgen/models/triton_kernels.py, float32 inside), the model's own ops elsewhere and in float64."""
     cos, sin = rope
-    if x.is_cuda:
+    if x.is_cuda and x.dtype != torch.float64:
         from worldgen.models.triton_kernels import norm_rope as kernel  # Triton: imported where it can run
 
         kernel(x, norm.weight, norm.eps, cos[:, 0], sin[:, 0], out)
@@ -237,16 +237,16 @@ class SelfAttention(_Attention):
         """x [B, F, S, dim] -> [B, F, S, dim]: attends to the cache (and this pass's frames) or, without a
         cache, to the frames of x under `ctx.mask`."""
         tokens = x.flatten(1, 2)
-        query = self.q(tokens) if ctx.fused_norm_rope else self._rotated(self.q, self.norm_q, tokens, ctx)
+        query = self.q(tokens) if ctx.triton_norm_rope else self._rotated(self.q, self.norm_q, tokens, ctx)
         return self._output(self.attend(query, *self.key_value(tokens, ctx), ctx), x.shape)
 
     def key_value(self, tokens: Tensor, ctx: _PassContext) -> tuple[Tensor, Tensor]:
         """Tokens [B, L, dim] -> this pass's K (normed, rotated) and V, [B, L, heads, head_dim] each; in
         e4m3 for an e4m3 cache (cast here, where a compiled block fuses it into RoPE, not in the cache).
-        With `fused_norm_rope`, K is the projection [B, L, dim] alone: `store_kv` norms and rotates it."""
+        With `triton_norm_rope`, K is the projection [B, L, dim] alone: `store_kv` norms and rotates it."""
         value = self._heads(self.v(tokens))
         value = to_e4m3(value) if ctx.e4m3 else value
-        if ctx.fused_norm_rope:
+        if ctx.triton_norm_rope:
             return self.k(tokens), value
         return self._rotated(self.k, self.norm_k, tokens, ctx), value
 
@@ -256,16 +256,16 @@ class SelfAttention(_Attention):
         return to_e4m3(rotated) if ctx.e4m3 else rotated
 
     def store_kv(self, key: Tensor, value: Tensor, ctx: _PassContext) -> tuple[Tensor, Tensor]:
-        """Write this pass's K/V into the cache; returns the visible K and V. With `fused_norm_rope` the
+        """Write this pass's K/V into the cache; returns the visible K and V. With `triton_norm_rope` the
         kernel writes normed, rotated K straight into the cache's slots: no K tensor of its own, no copy."""
         cache = ctx.cache
         if cache is None:
             raise ValueError("store_kv needs the pass's KV cache")
-        if not ctx.fused_norm_rope:
+        if not ctx.triton_norm_rope:
             return cache.update(self.layer, key, value)
         cos, sin = ctx.rope
         for tokens, key_slots, value_slots in cache.runs(self.layer):
-            norm_rope(key[:, tokens], self.norm_k, (cos[tokens], sin[tokens]), key_slots.flatten(2))
+            norm_rope_into(key[:, tokens], self.norm_k, (cos[tokens], sin[tokens]), key_slots.flatten(2))
             value_slots.copy_(value[:, tokens])
         return cache.visible(self.layer)
 
@@ -276,9 +276,10 @@ class SelfAttention(_Attention):
     @torch.compiler.disable
     def attend(self, query: Tensor, key: Tensor, value: Tensor, ctx: _PassContext) -> Tensor:
         """Write this pass's K/V into the cache (if any), then attend to what the queries may see."""
-        if ctx.fused_norm_rope:  # Q is the projection [B, L, dim]: norm and rotate it here
+        if ctx.triton_norm_rope:  # Q is the projection [B, L, dim]: norm and rotate it here
             dtype = E4M3 if ctx.e4m3 else query.dtype
-            query = self._heads(norm_rope(query, self.norm_q, ctx.rope, torch.empty_like(query, dtype=dtype)))
+            query = norm_rope_into(query, self.norm_q, ctx.rope, torch.empty_like(query, dtype=dtype))
+            query = self._heads(query)
         if ctx.cache is not None:
             key, value = self.store_kv(key, value, ctx)
         return attention(query, key, value, ctx.backend, ctx.mask)
@@ -339,8 +340,10 @@ class DiTBlock(nn.Module):
 
     def _attention_input(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
         """The modulated stream in the dtype the q/k/v projections compute in (bf16 for bf16 and fp8
-        layers). Cast here, a compiled block's first graph writes bf16 where it would write float32 for
-        the self-attention's graph to read back and cast (SelfAttention is a graph of its own: compile.py)."""
+        layers). With the cast here, a compiled block's first graph writes bf16, instead of float32 that the
+        self-attention's own graph (compile.py) would read back only to cast it. bf16 layers compute the
+        same; fp8 layers quantise the bf16-rounded rows, which moves an e4m3 code only at rounding ties
+        (the benchmark's fp8 latent error was unchanged to three digits)."""
         return _modulate(x, shift, scale, self.eps).to(self.self_attn.q.output_dtype)
 
     def _modulation(self, time_mod: Tensor) -> tuple[Tensor, ...]:
@@ -377,7 +380,7 @@ class CausalDiT(nn.Module):
         self.attention_backend = attention_backend
         # Hand-fused kernels of the fast path, off by default (the plain path never sets them): q/k RMSNorm
         # + RoPE as one Triton kernel writing K into the cache, and the FFN's GELU in its GEMM (CUDA).
-        self.fused_norm_rope = False
+        self.triton_norm_rope = False
         self.gelu_epilogue = False
         dim, patch = config.dim, config.patch_size
         patch_volume = patch[0] * patch[1] * patch[2]
@@ -556,7 +559,7 @@ class CausalDiT(nn.Module):
             attn_mask,
             self.attention_backend,
             e4m3=cache is not None and cache.keys.dtype == E4M3,
-            fused_norm_rope=self.fused_norm_rope and cache is not None,
+            triton_norm_rope=self.triton_norm_rope and cache is not None,
             gelu_epilogue=self.gelu_epilogue,
         )
         return stream, time_emb, time_mod, ctx

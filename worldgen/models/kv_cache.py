@@ -57,7 +57,8 @@ class KVCache:
     """Preallocated rolling K/V for all layers of one DiT, with host-integer cursors.
 
     `keys[layer]` / `values[layer]`: [batch, capacity_tokens, heads, head_dim]. Use `begin_pass` once per
-    forward (the model does it), then `update` once per layer.
+    forward (the model does it), then per layer either `update`, or writes into the views of `runs`
+    followed by `visible`.
     """
 
     def __init__(

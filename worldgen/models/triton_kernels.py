@@ -22,6 +22,7 @@ from worldgen.models.kv_cache import E4M3, E4M3_MAX
 
 # One program per token row; 2 to 8 warps all run 37 us at 4680 x 5120 on an H200, 16 and 32 slower.
 NUM_WARPS = 8
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # inputs the kernels compute in float32
 _SATURATION = tl.constexpr(E4M3_MAX)  # a kernel reads module globals only as constexpr
 
 
@@ -68,37 +69,46 @@ def norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, o
     `cos`/`sin` [T, head_dim / 2] float32 hold token t's angles (the same for every batch row); channel pair
     (2j, 2j+1) of each head turns by pair j's angle. `out` may be bf16, float32 or e4m3 (saturated at
     +-448, as `kv_cache.to_e4m3` does)."""
+    _check_inputs("norm_rope", x, weight, cos, sin, out)
+    if x.dim() != 3 or out.shape != x.shape or x.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError(
+            f"norm_rope: x {list(x.shape)} and out {list(out.shape)} must be the same [batch, tokens, width] "
+            "with contiguous channels"
+        )
     batch, tokens, width = x.shape
     half_head = cos.shape[-1]
-    if out.shape != x.shape or x.stride(-1) != 1 or out.stride(-1) != 1 or width % (2 * half_head):
+    if weight.shape != (width,) or width % (2 * half_head):
         raise ValueError(
-            f"norm_rope: x {list(x.shape)} and out {list(out.shape)} must match with contiguous channels, "
-            f"and the width must be whole heads of {2 * half_head}"
+            f"norm_rope: weight {list(weight.shape)} must be [{width}], and the width whole heads of "
+            f"{2 * half_head}"
         )
     tables_ok = cos.shape == sin.shape == (tokens, half_head) and cos.is_contiguous() and sin.is_contiguous()
     if not tables_ok:
         raise ValueError(f"norm_rope: cos and sin must be contiguous [{tokens}, {half_head}]")
-    _norm_rope_kernel[(tokens, batch)](
-        x,
-        out,
-        weight,
-        cos,
-        sin,
-        x.stride(0),
-        x.stride(1),
-        out.stride(0),
-        out.stride(1),
-        eps,
-        WIDTH=width,
-        HALF_HEAD=half_head,
-        PAIRS=triton.next_power_of_2(width // 2),
-        SATURATE=out.dtype == E4M3,
-        num_warps=NUM_WARPS,
-    )
+    # Triton launches on the current device: make it the tensors' (cuda:N), as the flash kernels do.
+    with torch.cuda.device(x.device):
+        _norm_rope_kernel[(tokens, batch)](
+            x,
+            out,
+            weight,
+            cos,
+            sin,
+            x.stride(0),
+            x.stride(1),
+            out.stride(0),
+            out.stride(1),
+            eps,
+            WIDTH=width,
+            HALF_HEAD=half_head,
+            PAIRS=triton.next_power_of_2(width // 2),
+            SATURATE=out.dtype == E4M3,
+            num_warps=NUM_WARPS,
+        )
 
 
 # Elements of one program's tile: rows of the VAE's 96..384 channels, a few dozen rows per program.
 _CHANNEL_TILE = 4096
+_CHANNEL_NUM_WARPS = 4
 
 
 @triton.jit
@@ -128,25 +138,40 @@ def _rms_norm_channels_kernel(
 
 def rms_norm_channels(x: Tensor, gamma: Tensor, eps: float, silu: bool) -> Tensor:
     """x * rsqrt(mean over channels of x^2 + eps) * gamma (then SiLU), for x [N, C, ...] whose channels are
-    innermost in memory (channels-last); the result has x's shape and layout."""
-    rows_view = x.movedim(1, -1)
-    if not rows_view.is_contiguous():
+    innermost in memory (channels-last), gamma [C]; the result has x's shape and layout."""
+    _check_inputs("rms_norm_channels", x, gamma)
+    if x.dim() < 2 or not x.movedim(1, -1).is_contiguous():
         raise ValueError(f"rms_norm_channels: x {list(x.shape)} must be channels-last (channels innermost)")
     channels = x.shape[1]
+    if gamma.shape != (channels,):
+        raise ValueError(f"rms_norm_channels: gamma {list(gamma.shape)} must be [{channels}]")
     out = torch.empty_like(x)  # keeps x's channels-last strides
     rows = x.numel() // channels
     block_channels = triton.next_power_of_2(channels)
     block_rows = max(1, _CHANNEL_TILE // block_channels)
-    _rms_norm_channels_kernel[(triton.cdiv(rows, block_rows),)](
-        rows_view,
-        gamma,
-        out.movedim(1, -1),
-        rows,
-        eps,
-        CHANNELS=channels,
-        BLOCK_CHANNELS=block_channels,
-        BLOCK_ROWS=block_rows,
-        SILU=silu,
-        num_warps=4,
-    )
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        _rms_norm_channels_kernel[(triton.cdiv(rows, block_rows),)](
+            x.movedim(1, -1),
+            gamma,
+            out.movedim(1, -1),
+            rows,
+            eps,
+            CHANNELS=channels,
+            BLOCK_CHANNELS=block_channels,
+            BLOCK_ROWS=block_rows,
+            SILU=silu,
+            num_warps=_CHANNEL_NUM_WARPS,
+        )
     return out
+
+
+def _check_inputs(kernel: str, x: Tensor, *others: Tensor) -> None:
+    """x in a dtype the kernels take, and every tensor on x's CUDA device."""
+    if not x.is_cuda or x.dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"{kernel}: x must be a CUDA tensor in bf16, fp16 or float32, got {x.dtype} on {x.device}"
+        )
+    if any(t.device != x.device for t in others):
+        raise ValueError(
+            f"{kernel}: every tensor must be on {x.device}, got {[str(t.device) for t in others]}"
+        )

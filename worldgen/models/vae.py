@@ -84,8 +84,8 @@ class RMSNorm(nn.Module):
     (set by `WanVAE.set_channels_last`) the channels are innermost in memory, so the same function runs as
     one `F.rms_norm` over the last dim of a permuted view: x * rsqrt(mean(x^2) + eps) * gamma, with eps
     standing in for normalize's 1e-12 clamp on the norm. With `triton` (`WanVAE.set_triton_norms`), a CUDA
-    tensor whose channels are innermost takes one Triton kernel (worldgen/models/triton_kernels.py) for the
-    norm and the SiLU.
+    tensor whose channels are innermost takes one Triton kernel (worldgen/models/triton_kernels.py, float32
+    inside, so float64 stays on the eager ops) for the norm and the SiLU.
 
     `silu`: the norm followed by SiLU, as the residual blocks and the head always pair them (the checkpoint's
     SiLU at the next index holds no weights; it is an Identity here).
@@ -101,7 +101,7 @@ class RMSNorm(nn.Module):
         self.triton = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.triton and x.is_cuda and x.movedim(1, -1).is_contiguous():
+        if self.triton and x.is_cuda and x.dtype != torch.float64 and x.movedim(1, -1).is_contiguous():
             from worldgen.models.triton_kernels import rms_norm_channels  # Triton: imported where it can run
 
             return rms_norm_channels(x, self.gamma.flatten(), self.eps, self.silu)
@@ -325,6 +325,7 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(config)
         self._make_latent_stats(self.conv1.weight.device, self.conv1.weight.dtype)
         self.set_channels_last(channels_last)
+        self.set_triton_norms(False)
         self.register_load_state_dict_post_hook(WanVAE._after_load)
 
     @property
@@ -362,17 +363,19 @@ class WanVAE(nn.Module):
 
     def set_triton_norms(self, enabled: bool) -> None:
         """Every RMSNorm (and the SiLU after it) as one Triton kernel on CUDA, with channels-last tensors."""
+        self.triton_norms = enabled
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.triton = enabled
 
     def converted(self, dtype: torch.dtype) -> WanVAE:
-        """A copy of this VAE with its weights in `dtype` (statistics rebuilt, layout kept); this one is
-        left as it is, so models shared with another user are never changed under it."""
+        """A copy of this VAE with its weights in `dtype` (statistics rebuilt, layout and norm kernels kept);
+        this one is left as it is, so models shared with another user are never changed under it."""
         with torch.device("meta"):
             copy = WanVAE(self.config, channels_last=self.channels_last)
         weights = {name: tensor.to(dtype) for name, tensor in self.state_dict().items()}
         copy.load_state_dict(weights, strict=True, assign=True)  # the load hook rebuilds the statistics
+        copy.set_triton_norms(self.triton_norms)
         return copy.train(self.training).requires_grad_(self.conv1.weight.requires_grad)
 
     def encode_stream(self) -> EncodeStream:
