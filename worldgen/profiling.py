@@ -16,6 +16,7 @@ import re
 import socket
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
@@ -311,19 +312,19 @@ class TraceSummary:
 
 
 def _group(durations_us: Iterable[tuple[str, float]], source: str) -> TraceSummary:
-    per_name: dict[str, list[float]] = {}  # name -> [seconds, count]
+    name_seconds: Counter[str] = Counter()
+    name_calls: Counter[str] = Counter()
     for name, duration_us in durations_us:
-        entry = per_name.setdefault(name, [0.0, 0])
-        entry[0] += duration_us * 1e-6
-        entry[1] += 1
+        name_seconds[name] += duration_us * 1e-6
+        name_calls[name] += 1
     seconds = dict.fromkeys(FAMILIES, 0.0)
     counts = dict.fromkeys(FAMILIES, 0)
     kernels = []
-    for name, (name_seconds, name_count) in per_name.items():
+    for name, calls in name_calls.items():
         family = kernel_family(name)
-        seconds[family] += name_seconds
-        counts[family] += int(name_count)
-        kernels.append(KernelTime(name[:KERNEL_NAME_CHARS], family, name_seconds, int(name_count)))
+        seconds[family] += name_seconds[name]
+        counts[family] += calls
+        kernels.append(KernelTime(name[:KERNEL_NAME_CHARS], family, name_seconds[name], calls))
     total = sum(seconds.values())
     families = [FamilyTime(f, seconds[f], counts[f], seconds[f] / total if total else 0.0) for f in FAMILIES]
     top = sorted(kernels, key=lambda k: -k.seconds)[:TOP_KERNELS]

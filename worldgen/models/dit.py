@@ -198,14 +198,20 @@ def norm_rope_into(x: Tensor, norm: RMSNorm, rope: tuple[Tensor, Tensor], out: T
     """RoPE(norm(x)) for x [B, T, dim] written into `out` [B, T, dim] (a slice of the KV cache, say), in
     out's dtype (e4m3 saturated); rope is (cos, sin) [T, 1, head_dim / 2]. One Triton kernel on CUDA
     (worldgen/models/triton_kernels.py, float32 inside), the model's own ops elsewhere and in float64."""
-    cos, sin = rope
     if x.is_cuda and x.dtype != torch.float64:
         from worldgen.models.triton_kernels import norm_rope as kernel  # Triton: imported where it can run
 
+        cos, sin = rope
         kernel(x, norm.weight, norm.eps, cos[:, 0], sin[:, 0], out)
         return out
-    rotated = apply_rope(norm(x).unflatten(-1, (-1, 2 * cos.shape[-1])), cos, sin).flatten(2)
+    rotated = _norm_rope(x, norm, rope).flatten(2)
     return out.copy_(to_e4m3(rotated) if out.dtype == E4M3 else rotated)
+
+
+def _norm_rope(x: Tensor, norm: RMSNorm, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """RoPE(norm(x)) in the norm's dtype (float32 or float64): x [B, L, dim] -> [B, L, heads, head_dim]."""
+    half_head = rope[0].shape[-1]
+    return apply_rope(norm(x).unflatten(-1, (-1, 2 * half_head)), *rope)
 
 
 class _Attention(nn.Module):
@@ -252,7 +258,7 @@ class SelfAttention(_Attention):
 
     def _rotated(self, projection: nn.Module, norm: RMSNorm, tokens: Tensor, ctx: _PassContext) -> Tensor:
         """RoPE(norm(projection(tokens))) [B, L, heads, head_dim] in the attention's dtype."""
-        rotated = apply_rope(self._heads(norm(projection(tokens))), *ctx.rope).to(projection.output_dtype)
+        rotated = _norm_rope(projection(tokens), norm, ctx.rope).to(projection.output_dtype)
         return to_e4m3(rotated) if ctx.e4m3 else rotated
 
     def store_kv(self, key: Tensor, value: Tensor, ctx: _PassContext) -> tuple[Tensor, Tensor]:
