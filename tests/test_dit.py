@@ -40,6 +40,7 @@ from worldgen.models.dit import (
     sinusoidal_embedding,
 )
 from worldgen.models.kv_cache import E4M3, KVCache, to_e4m3
+from worldgen.quant import quantize_dit
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 TIMESTEPS = (999.0, 978.0, 947.0, 825.0)
@@ -356,7 +357,7 @@ def test_norm_rope_kernel_matches_the_model_ops() -> None:
         norm_rope(x, norm.weight, norm.eps, cos, sin, torch.empty_like(x[:, 1:]))
     with pytest.raises(ValueError, match="cos and sin must be contiguous"):
         norm_rope(x, norm.weight, norm.eps, cos[1:], sin[1:], torch.empty_like(x))
-    with pytest.raises(ValueError, match="CUDA bf16, fp16 or float32"):
+    with pytest.raises(ValueError, match=r"a CUDA tensor in bf16, fp16 or float32, got torch\.float64"):
         norm_rope(x.double(), norm.weight, norm.eps, cos, sin, torch.empty_like(x))
 
 
@@ -389,7 +390,7 @@ def test_fused_kernels_rollout_matches_the_model_ops(compiled: bool) -> None:
     inputs = Inputs(**{name: t.cuda() for name, t in vars(_inputs(model, 8, torch.float32)).items()})
     velocities = {}
     for fused in (False, True):
-        model.triton_norm_rope = model.gelu_epilogue = fused
+        model.triton_kernels = model.gelu_epilogue = fused
         if compiled and fused:
             for block in model.blocks:
                 block.compile(dynamic=False)
@@ -535,7 +536,7 @@ def test_triton_norm_rope_writes_the_cache_the_model_ops_write(
     monkeypatch.setattr(dit_module, "norm_rope_into", counted)
     rollouts = {}
     for fused in (False, True):
-        model.triton_norm_rope = fused
+        model.triton_kernels = fused
         calls, clean = _rollout(model, inputs, chunk=2, window=5, sink=1, kv_only_update=True)
         rollouts[fused] = torch.stack([call.velocity for call in calls]), torch.cat(clean, dim=2)
     # Per chunk, every layer of the 5 passes writes Q and K's slot runs, but the cache update's last layer
@@ -680,13 +681,16 @@ def test_bad_inputs_raise_clear_errors() -> None:
 
 @cuda_test
 @pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fp8_layers", [False, True])
 @pytest.mark.parametrize("backend", ["auto", "fp8"])
-def test_cached_passes_never_synchronise_with_the_device(backend: str, fused: bool) -> None:
+def test_cached_passes_never_synchronise_with_the_device(backend: str, fp8_layers: bool, fused: bool) -> None:
     if backend == "fp8" and not flash_usable("fa3", torch.device("cuda")):
         pytest.skip("needs the fa3-fwd package and a Hopper GPU")
     model = _tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
     model.attention_backend = backend
-    model.triton_norm_rope = model.gelu_epilogue = fused
+    model.triton_kernels = model.gelu_epilogue = fused
+    if fp8_layers:  # with `fused`, their inputs come from the Triton quantisation kernel
+        quantize_dit(model)
     inputs = _inputs(model, 6, torch.float32)
     x, y, control = (t.cuda() for t in (inputs.noise, inputs.y, inputs.control))
     text = model.prepare_text(inputs.context.cuda())

@@ -8,16 +8,18 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import cuda_test
 
+from worldgen import quant as quant_module
 from worldgen.config import DiTConfig, get_preset
+from worldgen.models import fp8_rows
 from worldgen.models.dit import CausalDiT, Linear
+from worldgen.models.fp8_rows import Quantized, dequantize_rows, fused_quantize, quantize_rows
 from worldgen.models.kv_cache import E4M3
 from worldgen.quant import (
     Fp8Linear,
-    dequantize_rows,
     fp8_error,
     quantize_dit,
-    quantize_rows,
     scaled_mm,
     scaled_mm_emulated,
     supports_scaled_mm,
@@ -152,6 +154,125 @@ def test_scaled_mm_call_matches_the_emulation_on_cpu() -> None:
     torch.testing.assert_close(kernel, emulated, rtol=2**-7, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------ fused quantisation
+def _fused_forms(x: torch.Tensor) -> dict[str, tuple[dict, torch.Tensor]]:
+    """fused_quantize's arguments for x [B, F, S, K], and the float64 values each form must quantise."""
+    batch, frames, _, width = x.shape
+    mul, add = _randn(batch, frames, 1, width, seed=3), _randn(batch, frames, 1, width, seed=4)
+    weight, bias = _randn(width, seed=5), _randn(width, seed=6)
+    wide = x.double()
+    normed = torch.nn.functional.layer_norm(wide, (width,), eps=1e-6)
+    return {
+        "plain": ({}, wide),
+        "layer norm": ({"eps": 1e-6}, normed),
+        "modulation per frame": ({"eps": 1e-6, "mul": mul, "add": add}, normed * mul.double() + add.double()),
+        "affine layer norm": (
+            {"eps": 1e-6, "mul": weight, "add": bias},
+            normed * weight.double() + bias.double(),
+        ),
+        "gelu": ({"gelu": True}, torch.nn.functional.gelu(wide, approximate="tanh")),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_quantize_quantises_each_form_within_e4m3_rounding(dtype: torch.dtype) -> None:
+    """Each form of the op against float64 values: within half an e4m3 step (2^-4 relative) of each value,
+    or of the row's subnormal step (scale * 2^-9); the scales are the rows' amax / 448."""
+    x = (_randn(2, 3, 4, 64, seed=2) * 3).to(dtype)
+    x[1, 2, 3] = 0.0
+    for form, (arguments, expected) in _fused_forms(x).items():
+        codes, scale = fused_quantize(x, **arguments)
+        assert codes.shape == x.shape and codes.dtype == E4M3 and scale.shape == (*x.shape[:-1], 1), form
+        amax = expected.abs().amax(-1, keepdim=True).clamp(min=fp8_rows.MIN_AMAX)
+        torch.testing.assert_close(scale.double(), amax / 448, rtol=1e-6, atol=0, msg=form)
+        error = (dequantize_rows(codes, scale).double() - expected).abs()
+        assert (error <= 2**-4 * expected.abs() + scale * 2**-9).all(), form
+        if not expected[1, 2, 3].any():  # forms with f(0) = 0: a row of zeros stays zeros
+            assert not codes[1, 2, 3].float().any() and scale[1, 2, 3].isfinite().all(), form
+
+
+def test_fused_quantize_checks_its_tables() -> None:
+    x = _randn(2, 3, 4, 32)
+    with pytest.raises(ValueError, match="give both mul and add, or neither"):
+        fused_quantize(x, mul=torch.ones(32))
+    # Tables grouped for another batch, or flat, would silently serve the wrong rows.
+    for shape in ((1, 3, 1, 32), (64,), (6, 32)):
+        message = (
+            rf"mul \[{', '.join(map(str, shape))}\] must be \[32\] or \[2, 3, 1, 32\] for x \[2, 3, 4, 32\]"
+        )
+        with pytest.raises(ValueError, match=message):
+            fused_quantize(x, mul=torch.ones(shape), add=torch.zeros(shape))
+    rows = x.reshape(-1, 32)
+    with pytest.raises(
+        ValueError, match=r"mul and add must be tables of one shape, got \[\[6, 32\], \[1, 32\]\]"
+    ):
+        torch.ops.worldgen.quantize_rows(rows, None, torch.ones(6, 32), torch.zeros(1, 32), False)
+    with pytest.raises(ValueError, match=r"\[5, 32\] must be \[R, 32\] with R dividing the 24 rows of x"):
+        torch.ops.worldgen.quantize_rows(rows, None, torch.ones(5, 32), torch.zeros(5, 32), False)
+
+
+@pytest.mark.parametrize("form", ["plain", "modulation per frame", "affine layer norm", "gelu"])
+def test_quantize_rows_op_passes_opcheck(form: str) -> None:
+    """The custom op's schema, fake (shape) implementation and dispatch agree with its real outputs."""
+    x = _randn(2, 3, 4, 64, seed=7)
+    arguments, _ = _fused_forms(x)[form]
+    width = x.shape[-1]
+    tables = [arguments[name].reshape(-1, width) if name in arguments else None for name in ("mul", "add")]
+    op_arguments = (x.reshape(-1, width), arguments.get("eps"), *tables, arguments.get("gelu", False))
+    torch.library.opcheck(torch.ops.worldgen.quantize_rows.default, op_arguments)
+
+
+def test_fp8_linear_takes_a_quantized_input() -> None:
+    """A Quantized input skips the layer's own quantisation: the same codes give the same output."""
+    layer = Fp8Linear.from_linear(Linear(64, 48).bfloat16(), use_scaled_mm=False)
+    x = _randn(2, 5, 64).bfloat16()
+    codes, scale = quantize_rows(x.reshape(-1, 64))
+    given = layer(Quantized(codes.view(2, 5, 64), scale.view(2, 5, 1)))
+    assert given.shape == (2, 5, 48) and torch.equal(given, layer(x))
+
+
+@torch.no_grad()
+def test_fused_quantize_path_of_the_model_matches_its_unfused_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8 layers (emulated) with `triton_kernels`: on a CPU the op runs its reference ops, so this checks
+    the plumbing. Every fp8 layer gets its input from the op (counted; the layers' own quantisation never
+    runs), and the rollout is as close to float32 as the unfused one: the fused path quantises float32 rows
+    where the unfused one rounds some to bf16 first, which moves codes at rounding ties only."""
+    reference = tiny_model()
+    model = _fp8_model(reference)
+    inputs = chunk_inputs(6, model.config)
+    forms: list[str] = []
+    own_quantisations = 0
+
+    def counted(x: torch.Tensor, **arguments: object) -> Quantized:
+        forms.append("gelu" if arguments.get("gelu") else "norm" if "eps" in arguments else "plain")
+        return fused_quantize(x, **arguments)
+
+    def layer_quantises(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal own_quantisations
+        own_quantisations += 1
+        return quantize_rows(x)
+
+    monkeypatch.setattr(fp8_rows, "fused_quantize", counted)
+    monkeypatch.setattr(quant_module, "quantize_rows", layer_quantises)
+    velocities = {}
+    for fused in (False, True):
+        model.triton_kernels = fused
+        own_quantisations = 0
+        velocities[fused] = torch.stack(rollout(model, inputs, 2, 4))
+        assert (own_quantisations == 0) == fused
+    blocks, chunks, passes = model.config.num_layers, 3, len(TIMESTEPS) + 1
+    # Per block and pass: q/k/v input, cross-attention query input, FFN input (norms); self- and
+    # cross-attention outputs (plain); the GELU. Per block and chunk, the camera layers' 3 inputs; per
+    # chunk, the control path's 2.
+    assert forms.count("norm") == 3 * blocks * chunks * passes
+    assert forms.count("gelu") == blocks * chunks * passes
+    assert forms.count("plain") == (2 * passes + 3) * blocks * chunks + 2 * chunks
+    exact = torch.stack(rollout(reference, inputs, 2, 4))
+    # Measured: fused vs unfused 0.007, each against float32 about 0.08.
+    assert fp8_error(velocities[False], velocities[True]) < 0.02
+    assert fp8_error(exact, velocities[True]) < 1.1 * fp8_error(exact, velocities[False])
+
+
 # ---------------------------------------------------------------------------------------------- the model
 def test_quantize_dit_swaps_exactly_the_token_wise_layers() -> None:
     reference = tiny_model()
@@ -232,3 +353,27 @@ def test_scaled_mm_kernel_matches_emulation_on_gpu() -> None:
         # fp8 error itself (~0.1).
         assert fp8_error(x, k) < 0.15
         assert fp8_error(e, k) < 0.5 * fp8_error(x, k)
+
+
+@cuda_test
+def test_fused_quantize_kernel_matches_the_reference_on_gpu() -> None:
+    """The Triton kernel against the op's reference ops (run on the CPU) at the full model's widths: the
+    float32 stream's per-frame modulation and affine norm at 5120, the GELU of the FFN's bf16 hidden
+    state at 13824. Scales agree to float32 rounding; a code may move one e4m3 step where the two
+    computations of a value straddle a rounding tie."""
+    stream = _randn(2, 3, 1560, 5120, seed=30).cuda() * 4 + 1  # batch 2: tables [2, 3, 1, 5120]
+    hidden = (_randn(4680, 13824, seed=31) * 2).cuda().bfloat16()
+    cases = {form: (stream, arguments) for form, (arguments, _) in _fused_forms(stream.cpu()).items()}
+    cases["gelu"] = (hidden, {"gelu": True})
+    cases["plain bf16"] = (hidden[:, :5120], {})
+    for form, (x, arguments) in cases.items():
+        on_gpu = {name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in arguments.items()}
+        codes, scale = fused_quantize(x, **on_gpu)
+        expected_codes, expected_scale = fused_quantize(x.cpu(), **arguments)
+        torch.testing.assert_close(scale.cpu(), expected_scale, rtol=1e-5, atol=0, msg=form)
+        assert (codes.cpu().float() != expected_codes.float()).float().mean() < 1e-3, form
+        result, expected = (
+            dequantize_rows(codes.cpu(), scale.cpu()),
+            dequantize_rows(expected_codes, expected_scale),
+        )
+        assert ((result - expected).abs() <= 2**-3 * expected.abs() + expected_scale * 2**-9).all(), form

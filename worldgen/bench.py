@@ -89,7 +89,7 @@ class BenchSettings:
     compare_plain: bool = False
     compile: bool = False  # the fast path's blocks compiled (the plain path never is)
     fp8: bool = False  # the fast path's token-wise matmuls in fp8 (the plain path stays bf16)
-    triton_kernels: bool = False  # the fast path's Triton kernels (DiT norm + RoPE, VAE norm + SiLU)
+    triton_kernels: bool = False  # the fast path's Triton kernels (DiT norms, fp8 quantisation, VAE norms)
     gelu_epilogue: bool = False  # the fast path's FFN GELU in the GEMM epilogue
     overlap: bool = False  # the fast path decodes chunk i on a side stream during chunk i+1's DiT
     profile: bool = False

@@ -102,7 +102,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def add_fused_arguments(parser: argparse.ArgumentParser) -> None:
     """The hand-fused kernels' switches (CUDA), shared by render and bench."""
     parser.add_argument(
-        "--triton-kernels", action="store_true", help="DiT q/k norm + RoPE, VAE norm + SiLU in Triton (CUDA)"
+        "--triton-kernels",
+        action="store_true",
+        help="DiT q/k norm + RoPE (with --fp8: norm + fp8 quantisation), VAE norm + SiLU in Triton (CUDA)",
     )
     parser.add_argument(
         "--gelu-epilogue", action="store_true", help="the FFN's GELU in its GEMM's epilogue (CUDA)"

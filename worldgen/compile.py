@@ -15,8 +15,10 @@ eager without failing. So `SelfAttention.attend` (cache write + SDPA, in worldge
 `torch.compiler.disable`d: the ints never reach a guard, and the two ops it runs are single kernels that
 compilation would not fuse anyway. Everything else in a block is compiled: the norms, modulation, RoPE,
 gates and residuals, the q/k/v/o, camera and FFN projections (and their fp8 quantisation), cross-attention.
-With the model's `triton_norm_rope`, the q/k RMSNorm + RoPE move into `attend` as well: one Triton kernel
-each, which writes the keys into the cache (worldgen/models/triton_kernels.py).
+With the model's `triton_kernels`, the q/k RMSNorm + RoPE move into `attend` as well: one Triton kernel
+each, which writes the keys into the cache (worldgen/models/triton_kernels.py); with fp8 layers, their inputs
+come from the opaque custom op `worldgen::quantize_rows` (worldgen/models/fp8_rows.py), which the graphs
+call as it is (no graph break).
 
 Graphs to expect, per distinct pass shape (batch, latent frames, latent height x width) and dtype: 4,
 shared by all blocks (the block up to its self-attention; q/k/v, with RoPE unless the Triton kernel does

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 
 from worldgen.config import DiTConfig
 from worldgen.models.attention import attention
+from worldgen.models.fp8_rows import quantize_rows
 from worldgen.models.kv_cache import E4M3
 from worldgen.profiling import StageTimer
-from worldgen.quant import Fp8Linear, quantize_rows
+from worldgen.quant import Fp8Linear
 
 # ------------------------------------------------------------------------------------------------ FLOPs
 CATEGORIES = ("linear", "self_attention", "cross_attention", "camera", "text")

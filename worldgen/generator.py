@@ -98,7 +98,8 @@ class EngineSettings:
     compile: bool = False  # torch.compile every DiT block (worldgen/compile.py)
     fp8: bool = False  # e4m3 row-scaled matmuls for the DiT's token-wise layers (worldgen/quant.py)
     # Triton kernels (worldgen/models/triton_kernels.py): the DiT's q/k RMSNorm + RoPE, K written straight
-    # into the cache; the VAE's RMSNorm + SiLU
+    # into the cache; with fp8, each fp8 layer's input quantisation fused with the norm/GELU before it;
+    # the VAE's RMSNorm + SiLU
     triton_kernels: bool = False
     gelu_epilogue: bool = False  # the FFN's bias + GELU in cuBLASLt's GEMM epilogue
     overlap: bool = False  # decode chunk i on a side stream while the DiT generates chunk i+1
@@ -268,7 +269,7 @@ class ChunkedGenerator:
         else:
             self.dit.set_compute_dtype(self.dtype)
         self.dit.attention_backend = settings.attention
-        self.dit.triton_norm_rope = settings.triton_kernels
+        self.dit.triton_kernels = settings.triton_kernels
         self.dit.gelu_epilogue = settings.gelu_epilogue
         self.dit.eval().requires_grad_(False)
         self.vae.eval().requires_grad_(False)

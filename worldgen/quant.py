@@ -16,7 +16,8 @@ would persist), the patch embeddings (raw latent and Plücker features), the tim
 
 An `Fp8Linear` holds its weight as float8_e4m3fn [out, in] with one float32 scale per output row
 (`weight_scale` [out]), and quantises its input per row (per token) on the fly: q = x / s with
-s = amax(|row|) / 448, so every row uses e4m3's whole range. Its output is bf16.
+s = amax(|row|) / 448, so every row uses e4m3's whole range (worldgen/models/fp8_rows.py), unless it is
+given a `Quantized` input. Its output is bf16.
 On CUDA with compute capability >= 8.9 it calls `torch._scaled_mm(x_q, w_q.t(), scale_a=s_x [M, 1],
 scale_b=s_w [1, N], bias=bf16, out_dtype=bf16)`; the row-wise recipe needs both scales float32 and
 contiguous, K and N multiples of 16, `x_q` row-major, `w_q.t()` column-major, and bf16 output: the one
@@ -30,7 +31,9 @@ checkpoint first, then quantise. Do not cast the model (`.to(dtype)`, `.double()
 would turn the fp8 weights back into wider floats.
 
 The quantised activations are computed in eager mode by a few elementwise kernels per layer; under
-`torch.compile` (worldgen/compile.py) they fuse with the norm and modulation before each layer.
+`torch.compile` (worldgen/compile.py) they fuse with the norm and modulation before each layer. With the
+model's `triton_kernels`, the DiT hands its fp8 layers inputs quantised by one Triton kernel each, fused
+with the LayerNorm and modulation, the affine LayerNorm or the GELU before them.
 """
 
 from __future__ import annotations
@@ -41,10 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from worldgen.models.dit import CausalDiT, Linear
-from worldgen.models.kv_cache import E4M3_MAX, to_e4m3
+from worldgen.models.fp8_rows import Quantized, quantize_rows
 
-# A row of zeros gets this amax instead of 0, so its scale is finite and its codes are zeros.
-_MIN_AMAX = 1e-12
 _KERNEL_MULTIPLE = 16  # torch._scaled_mm: K and N must be multiples of 16
 
 # Names (relative to CausalDiT) of the Linear layers that quantize_dit swaps; see the module docstring.
@@ -53,21 +54,6 @@ FP8_LAYERS = re.compile(
     r"|cam_injector_layer[12]|cam_scale_layer|cam_shift_layer)"
     r"|c2ws_hidden_states_layer[12]"
 )
-
-
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] -> (e4m3 codes [M, K], float32 scales [M, 1]) with x ≈ codes * scales, row by row."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_AMAX)
-    scale = amax / E4M3_MAX
-    # Divide in float32 (bf16 would round before e4m3 does); saturating keeps a quotient a rounding step
-    # above 448 from becoming NaN, as e4m3fn has no infinity.
-    codes = to_e4m3(x / scale)
-    return codes, scale
-
-
-def dequantize_rows(codes: Tensor, scale: Tensor) -> Tensor:
-    """The float32 values that e4m3 `codes` [M, K] with row scales [M, 1] stand for."""
-    return codes.float() * scale
 
 
 def scaled_mm(
@@ -131,9 +117,14 @@ class Fp8Linear(nn.Module):
             use_scaled_mm = supports_scaled_mm(linear.weight.device)
         return cls(codes, scale.squeeze(1), bias, use_scaled_mm)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.product(*quantize_rows(x.reshape(-1, self.in_features)))
-        return out.view(*x.shape[:-1], self.out_features)
+    def forward(self, x: Tensor | Quantized) -> Tensor:
+        """x [..., in] -> bf16 [..., out]; x may come quantised already (`fp8_rows.fused_quantize`)."""
+        if isinstance(x, Quantized):
+            leading, (codes, scale) = x.codes.shape[:-1], x
+        else:
+            leading, (codes, scale) = x.shape[:-1], quantize_rows(x.reshape(-1, self.in_features))
+        out = self.product(codes.reshape(-1, self.in_features), scale.reshape(-1, 1))
+        return out.view(*leading, self.out_features)
 
     def product(self, x_codes: Tensor, x_scale: Tensor) -> Tensor:
         """The layer's matmul of an already quantised activation [M, K] -> bf16 [M, N]."""

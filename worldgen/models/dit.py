@@ -27,9 +27,11 @@ Public API (what the generator calls)::
   instead of the prepared states; the forward then recomputes the text embedding, every block's text K/V,
   the control tokens and every block's camera modulation inside the pass. Outputs are identical.
 - Fast-path kernels (off by default; the generator's `--triton-kernels` / `--gelu-epilogue`):
-  `model.triton_norm_rope = True` runs the cached passes' q/k RMSNorm + RoPE as one Triton kernel on CUDA
-  that writes the keys straight into the cache (the model's own ops elsewhere); `model.gelu_epilogue =
-  True` runs the FFN's bias + GELU in cuBLASLt's GEMM epilogue on CUDA.
+  `model.triton_kernels = True` runs the cached passes' q/k RMSNorm + RoPE as one Triton kernel on CUDA
+  that writes the keys straight into the cache, and, with fp8 layers (worldgen/quant.py), quantises each
+  fp8 layer's input in one kernel fused with the LayerNorm + modulation, affine LayerNorm or GELU before
+  it (worldgen/models/fp8_rows.py); the model's own ops run elsewhere. `model.gelu_epilogue = True` runs
+  the FFN's bias + GELU in cuBLASLt's GEMM epilogue on CUDA.
 - Oracle path: `model(x, t, y, context, control, attn_mask=visibility_mask(...))` with no cache runs one
   full-sequence forward over all frames given, with per-frame timesteps [B, F].
 
@@ -50,7 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldgen.config import DiTConfig
+from worldgen.models import fp8_rows
 from worldgen.models.attention import AttentionBackend, attention, check_backend
+from worldgen.models.fp8_rows import Quantized
 from worldgen.models.kv_cache import E4M3, KVCache, to_e4m3
 
 ROPE_THETA = 10000.0
@@ -103,8 +107,12 @@ class FeedForward(nn.Sequential):
             Linear(hidden_features, out_features),
         )
 
-    def forward(self, x: Tensor, gelu_epilogue: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor | Quantized, gelu_epilogue: bool = False, quantize_in_kernel: bool = False
+    ) -> Tensor:
         up, gelu, down = self
+        if quantize_in_kernel:  # fp8 layers: the GELU and the down projection's quantisation in one kernel
+            return down(fp8_rows.fused_quantize(up(x), gelu=True))
         if gelu_epilogue and isinstance(up, Linear) and up.weight.is_cuda:
             # cuBLASLt adds the bias and applies GELU (its tanh form, this layer's) in the GEMM's epilogue:
             # the hidden state is written once instead of written, read and written again. The CPU kernel
@@ -191,7 +199,13 @@ class _PassContext:
     backend: AttentionBackend
     e4m3: bool = False  # the cache holds e4m3 (backend `fp8`)
     triton_norm_rope: bool = False  # q/k RMSNorm + RoPE as one kernel in `attend` (cached passes only)
+    quantize_in_kernel: bool = False  # fp8 layers get their inputs from fp8_rows.fused_quantize
     gelu_epilogue: bool = False  # the FFN's GELU inside its first GEMM (CUDA)
+
+
+def _fp8_input(x: Tensor, fused: bool) -> Tensor | Quantized:
+    """x for an fp8 layer: quantised by the fused kernel if `fused`, else as it is (the layer quantises)."""
+    return fp8_rows.fused_quantize(x) if fused else x
 
 
 def norm_rope_into(x: Tensor, norm: RMSNorm, rope: tuple[Tensor, Tensor], out: Tensor) -> Tensor:
@@ -230,8 +244,9 @@ class _Attention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, -1))
 
-    def _output(self, heads: Tensor, shape: torch.Size) -> Tensor:
-        return self.o(heads.flatten(2)).view(*shape[:-1], -1)
+    def _output(self, heads: Tensor, quantize_in_kernel: bool) -> Tensor:
+        """Attention output [B, L, heads, head_dim] -> o projection [B, L, dim]."""
+        return self.o(_fp8_input(heads.flatten(2), quantize_in_kernel))
 
 
 class SelfAttention(_Attention):
@@ -239,14 +254,13 @@ class SelfAttention(_Attention):
         super().__init__(dim, num_heads, eps)
         self.layer = layer  # index of this layer's K/V in the cache
 
-    def forward(self, x: Tensor, ctx: _PassContext) -> Tensor:
-        """x [B, F, S, dim] -> [B, F, S, dim]: attends to the cache (and this pass's frames) or, without a
-        cache, to the frames of x under `ctx.mask`."""
-        tokens = x.flatten(1, 2)
+    def forward(self, tokens: Tensor | Quantized, ctx: _PassContext) -> Tensor:
+        """Token rows [B, L, dim] -> [B, L, dim]: attends to the cache (and this pass's frames) or, without
+        a cache, to the tokens under `ctx.mask`."""
         query = self.q(tokens) if ctx.triton_norm_rope else self._rotated(self.q, self.norm_q, tokens, ctx)
-        return self._output(self.attend(query, *self.key_value(tokens, ctx), ctx), x.shape)
+        return self._output(self.attend(query, *self.key_value(tokens, ctx), ctx), ctx.quantize_in_kernel)
 
-    def key_value(self, tokens: Tensor, ctx: _PassContext) -> tuple[Tensor, Tensor]:
+    def key_value(self, tokens: Tensor | Quantized, ctx: _PassContext) -> tuple[Tensor, Tensor]:
         """Tokens [B, L, dim] -> this pass's K (normed, rotated) and V, [B, L, heads, head_dim] each; in
         e4m3 for an e4m3 cache (cast here, where a compiled block fuses it into RoPE, not in the cache).
         With `triton_norm_rope`, K is the projection [B, L, dim] alone: `store_kv` norms and rotates it."""
@@ -256,7 +270,9 @@ class SelfAttention(_Attention):
             return self.k(tokens), value
         return self._rotated(self.k, self.norm_k, tokens, ctx), value
 
-    def _rotated(self, projection: nn.Module, norm: RMSNorm, tokens: Tensor, ctx: _PassContext) -> Tensor:
+    def _rotated(
+        self, projection: nn.Module, norm: RMSNorm, tokens: Tensor | Quantized, ctx: _PassContext
+    ) -> Tensor:
         """RoPE(norm(projection(tokens))) [B, L, heads, head_dim] in the attention's dtype."""
         rotated = _norm_rope(projection(tokens), norm, ctx.rope).to(projection.output_dtype)
         return to_e4m3(rotated) if ctx.e4m3 else rotated
@@ -297,9 +313,12 @@ class CrossAttention(_Attention):
         key = self._heads(self.norm_k(self.k(text_tokens))).to(self.k.output_dtype)
         return key, self._heads(self.v(text_tokens))
 
-    def forward(self, x: Tensor, text_kv: tuple[Tensor, Tensor], backend: AttentionBackend) -> Tensor:
-        query = self._heads(self.norm_q(self.q(x.flatten(1, 2)))).to(self.q.output_dtype)
-        return self._output(attention(query, *text_kv, backend), x.shape)
+    def forward(
+        self, tokens: Tensor | Quantized, text_kv: tuple[Tensor, Tensor], ctx: _PassContext
+    ) -> Tensor:
+        """Token rows [B, L, dim] attend to the text -> [B, L, dim]."""
+        query = self._heads(self.norm_q(self.q(tokens))).to(self.q.output_dtype)
+        return self._output(attention(query, *text_kv, ctx.backend), ctx.quantize_in_kernel)
 
 
 class DiTBlock(nn.Module):
@@ -317,9 +336,14 @@ class DiTBlock(nn.Module):
         self.cam_scale_layer = Linear(dim, dim)
         self.cam_shift_layer = Linear(dim, dim)
 
-    def camera_modulation(self, control_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Control tokens c [B, F, S, dim] -> (scale, shift); depends on the control only, not the time."""
-        hidden = self.cam_injector_layer2(F.silu(self.cam_injector_layer1(control_tokens))) + control_tokens
+    def camera_modulation(
+        self, control_tokens: Tensor, quantize_in_kernel: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Control tokens c [B, F, S, dim] -> (scale, shift); depends on the control only, not the time.
+        `quantize_in_kernel`: the camera layers are fp8 ones, given inputs quantised by the fused kernel."""
+        injected = F.silu(self.cam_injector_layer1(_fp8_input(control_tokens, quantize_in_kernel)))
+        hidden = self.cam_injector_layer2(_fp8_input(injected, quantize_in_kernel)) + control_tokens
+        hidden = _fp8_input(hidden, quantize_in_kernel)  # one quantisation for both layers
         return self.cam_scale_layer(hidden), self.cam_shift_layer(hidden)
 
     def forward(
@@ -332,25 +356,48 @@ class DiTBlock(nn.Module):
     ) -> Tensor:
         """x [B, F, S, dim] residual stream; time_mod [B, F, 6, dim] time projection of each frame."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self._modulation(time_mod)
-        x = x + gate_msa * self.self_attn(self._attention_input(x, shift_msa, scale_msa), ctx)
+        attended = self.self_attn(self._attention_input(x, shift_msa, scale_msa, ctx), ctx)
+        x = x + gate_msa * attended.view_as(x)
         cam_scale, cam_shift = camera
         x = x * (1 + _upcast(cam_scale)) + cam_shift
-        x = x + self.cross_attn(self.norm3(x), text_kv, ctx.backend)
-        return x + gate_mlp * self.ffn(_modulate(x, shift_mlp, scale_mlp, self.eps), ctx.gelu_epilogue)
+        if ctx.quantize_in_kernel:
+            text_query_input = fp8_rows.fused_quantize(
+                x, eps=self.eps, mul=self.norm3.weight, add=self.norm3.bias
+            ).flatten(1, 2)
+        else:
+            text_query_input = self.norm3(x).flatten(1, 2)
+        x = x + self.cross_attn(text_query_input, text_kv, ctx).view_as(x)
+        hidden = self.ffn(
+            self._modulated_rows(x, shift_mlp, scale_mlp, ctx), ctx.gelu_epilogue, ctx.quantize_in_kernel
+        )
+        return x + gate_mlp * hidden.view_as(x)
 
     def write_kv(self, x: Tensor, time_mod: Tensor, ctx: _PassContext) -> None:
         """The start of `forward`: write this pass's K/V of x into the cache, and stop there."""
         shift_msa, scale_msa, *_ = self._modulation(time_mod)
-        tokens = self._attention_input(x, shift_msa, scale_msa).flatten(1, 2)
+        tokens = self._attention_input(x, shift_msa, scale_msa, ctx)
         self.self_attn.store_kv(*self.self_attn.key_value(tokens, ctx), ctx)
 
-    def _attention_input(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-        """The modulated stream in the dtype the q/k/v projections compute in (bf16 for bf16 and fp8
-        layers). With the cast here, a compiled block's first graph writes bf16, instead of float32 that the
-        self-attention's own graph (compile.py) would read back only to cast it. bf16 layers compute the
-        same; fp8 layers quantise the bf16-rounded rows, which moves an e4m3 code only at rounding ties
-        (the benchmark's fp8 latent error was unchanged to three digits)."""
-        return _modulate(x, shift, scale, self.eps).to(self.self_attn.q.output_dtype)
+    def _modulated_rows(
+        self, x: Tensor, shift: Tensor, scale: Tensor, ctx: _PassContext
+    ) -> Tensor | Quantized:
+        """LayerNorm(x) * (1 + scale) + shift as token rows [B, L, dim] (x [B, F, S, dim]): float32, or, with
+        `ctx.quantize_in_kernel`, the fp8 layer's quantised input from one kernel."""
+        if ctx.quantize_in_kernel:
+            return fp8_rows.fused_quantize(x, eps=self.eps, mul=1 + scale, add=shift).flatten(1, 2)
+        return _modulate(x, shift, scale, self.eps).flatten(1, 2)
+
+    def _attention_input(
+        self, x: Tensor, shift: Tensor, scale: Tensor, ctx: _PassContext
+    ) -> Tensor | Quantized:
+        """The modulated stream as token rows, in the dtype the q/k/v projections compute in (bf16 for bf16
+        and fp8 layers), or quantised already (`_modulated_rows`). With the cast here, a compiled block's
+        first graph writes bf16, instead of float32 that the self-attention's own graph (compile.py) would
+        read back only to cast it. bf16 layers compute the same; fp8 layers quantise the bf16-rounded rows,
+        which moves an e4m3 code only at rounding ties (the benchmark's fp8 latent error was unchanged to
+        three digits)."""
+        rows = self._modulated_rows(x, shift, scale, ctx)
+        return rows if isinstance(rows, Quantized) else rows.to(self.self_attn.q.output_dtype)
 
     def _modulation(self, time_mod: Tensor) -> tuple[Tensor, ...]:
         """Shift, scale and gate of self-attention, then of the FFN: [B, F, 1, dim] each, one per frame,
@@ -384,9 +431,10 @@ class CausalDiT(nn.Module):
             raise ValueError(f"DiTConfig.patch_size {config.patch_size}: the causal model patches 1 frame")
         self.config = config
         self.attention_backend = attention_backend
-        # Hand-fused kernels of the fast path, off by default (the plain path never sets them): q/k RMSNorm
-        # + RoPE as one Triton kernel writing K into the cache, and the FFN's GELU in its GEMM (CUDA).
-        self.triton_norm_rope = False
+        # Hand-fused kernels of the fast path, off by default (the plain path never sets them): Triton
+        # kernels (q/k RMSNorm + RoPE writing K into the cache; fp8 layers' inputs quantised in one pass with
+        # what precedes them), and the FFN's GELU in its GEMM (CUDA).
+        self.triton_kernels = False
         self.gelu_epilogue = False
         dim, patch = config.dim, config.patch_size
         patch_volume = patch[0] * patch[1] * patch[2]
@@ -479,8 +527,16 @@ class CausalDiT(nn.Module):
             .reshape(batch, frames, (height // patch_h) * (width // patch_w), channels * patch_h * patch_w)
         )
         tokens = _upcast(self.patch_embedding_wancamctrl(patches))
-        tokens = tokens + self.c2ws_hidden_states_layer2(F.silu(self.c2ws_hidden_states_layer1(tokens)))
-        return ControlState(tuple(block.camera_modulation(tokens) for block in self.blocks))
+        fused = self.quantize_in_kernel
+        hidden = F.silu(self.c2ws_hidden_states_layer1(_fp8_input(tokens, fused)))
+        tokens = tokens + self.c2ws_hidden_states_layer2(_fp8_input(hidden, fused))
+        return ControlState(tuple(block.camera_modulation(tokens, fused) for block in self.blocks))
+
+    @property
+    def quantize_in_kernel(self) -> bool:
+        """Whether the fp8 layers' inputs come from the fused quantisation kernel: with `triton_kernels` and
+        fp8 layers (worldgen/quant.py swaps the q projection, among others)."""
+        return self.triton_kernels and self.blocks[0].self_attn.q.weight.dtype == E4M3
 
     # --------------------------------------------------------------------------------------- forward
     def forward(
@@ -565,7 +621,8 @@ class CausalDiT(nn.Module):
             attn_mask,
             self.attention_backend,
             e4m3=cache is not None and cache.keys.dtype == E4M3,
-            triton_norm_rope=self.triton_norm_rope and cache is not None,
+            triton_norm_rope=self.triton_kernels and cache is not None,
+            quantize_in_kernel=self.quantize_in_kernel,
             gelu_epilogue=self.gelu_epilogue,
         )
         return stream, time_emb, time_mod, ctx

@@ -6,9 +6,13 @@
 - `rms_norm_channels`: the VAE's RMSNorm over the channels of a channels-last tensor, optionally followed by
   SiLU. PyTorch's layer-norm kernel runs rows of 96 to 384 channels at a fraction of the bandwidth bound,
   and the SiLU after it is another pass over the same tensor.
+- `quantize_rows`: row-wise e4m3 quantisation for the fp8 layers, fused with the LayerNorm and modulation
+  (or the affine LayerNorm, or the GELU) before them: one read of each row, where torch.compile's kernels
+  read it once per statistic (worldgen/models/fp8_rows.py), and where the camera layers, outside the
+  compiled blocks, quantised in five eager kernels.
 
 The models call them on CUDA only; their own ops are the reference elsewhere, and the GPU tests hold the
-two together (tests/test_dit.py, tests/test_vae.py). Timings: docs/benchmarks.md.
+two together (tests/test_dit.py, tests/test_vae.py, tests/test_quant.py). Timings: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -18,12 +22,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from worldgen.models.fp8_rows import MIN_AMAX
 from worldgen.models.kv_cache import E4M3, E4M3_MAX
 
 # One program per token row; 2 to 8 warps all run 37 us at 4680 x 5120 on an H200, 16 and 32 slower.
 NUM_WARPS = 8
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # inputs the kernels compute in float32
 _SATURATION = tl.constexpr(E4M3_MAX)  # a kernel reads module globals only as constexpr
+_MIN_AMAX = tl.constexpr(MIN_AMAX)
+_GELU_TANH = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+# One row per program. An H200 sweep at 4680 rows (docs/benchmarks.md): 4 warps for rows up to 8192
+# columns, 8 for the FFN's 13824; 2 or 4 rows per program and more warps were slower.
+_QUANTIZE_WARPS = 4
 
 
 @triton.jit
@@ -163,6 +173,79 @@ def rms_norm_channels(x: Tensor, gamma: Tensor, eps: float, silu: bool) -> Tenso
             num_warps=_CHANNEL_NUM_WARPS,
         )
     return out
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr,
+    mul_ptr,
+    add_ptr,
+    codes_ptr,
+    scale_ptr,
+    x_row_stride,
+    rows_per_table_row,
+    eps,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,  # WIDTH rounded up to a power of two: the whole row sits in registers
+    LAYER_NORM: tl.constexpr,
+    AFFINE: tl.constexpr,
+    GELU: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    column = tl.arange(0, BLOCK)
+    in_row = column < WIDTH
+    x = tl.load(x_ptr + row * x_row_stride + column, mask=in_row, other=0.0).to(tl.float32)
+    if LAYER_NORM:
+        centred = tl.where(in_row, x - tl.sum(x, axis=0) / WIDTH, 0.0)
+        x = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / WIDTH + eps)
+    if AFFINE:
+        table = (row // rows_per_table_row) * WIDTH + column
+        mul = tl.load(mul_ptr + table, mask=in_row, other=0.0)
+        x = x * mul + tl.load(add_ptr + table, mask=in_row, other=0.0)
+    if GELU:  # tanh GELU: 0.5 x (1 + tanh(u)) = x sigmoid(2u)
+        x = x * tl.sigmoid(2.0 * _GELU_TANH * (x + 0.044715 * x * x * x))
+    # Padding lanes hold zeros through every step, so they never raise the row's amax.
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), _MIN_AMAX)
+    # Codes multiply by the reciprocal scale: within an ulp of the reference's division, so a code can
+    # differ only at an exact rounding tie. An IEEE division per element (tl.div_rn) doubled the kernel's
+    # time on an H200.
+    codes = tl.clamp(x * tl.div_rn(_SATURATION, amax), -_SATURATION, _SATURATION)
+    tl.store(codes_ptr + row * WIDTH + column, codes.to(codes_ptr.dtype.element_ty), mask=in_row)
+    tl.store(scale_ptr + row, tl.div_rn(amax, _SATURATION))
+
+
+def quantize_rows(
+    x: Tensor, eps: float | None, mul: Tensor | None, add: Tensor | None, gelu: bool
+) -> tuple[Tensor, Tensor]:
+    """e4m3 codes [M, K] and float32 scales [M, 1] of f(x) row by row, for x [M, K] with unit column stride;
+    f as `fp8_rows.fused_quantize` says (LayerNorm if eps, then * mul + add with [R, K] tables, then GELU)."""
+    _check_inputs("quantize_rows", x, *(t for t in (mul, add) if t is not None))
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"quantize_rows: x {list(x.shape)} must be [rows, width] with contiguous rows")
+    rows, width = x.shape
+    codes = x.new_empty((rows, width), dtype=E4M3)
+    scale = x.new_empty((rows, 1), dtype=torch.float32)
+    affine = mul is not None and add is not None
+    mul, add = (t.float().contiguous() for t in (mul, add)) if affine else (x, x)  # unread without AFFINE
+    block = triton.next_power_of_2(width)
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        _quantize_rows_kernel[(rows,)](
+            x,
+            mul,
+            add,
+            codes,
+            scale,
+            x.stride(0),
+            rows // mul.shape[0] if affine else 1,
+            0.0 if eps is None else eps,
+            WIDTH=width,
+            BLOCK=block,
+            LAYER_NORM=eps is not None,
+            AFFINE=affine,
+            GELU=gelu,
+            num_warps=_QUANTIZE_WARPS if block <= 8192 else 2 * _QUANTIZE_WARPS,
+        )
+    return codes, scale
 
 
 def _check_inputs(kernel: str, x: Tensor, *others: Tensor) -> None:
