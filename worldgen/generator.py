@@ -129,7 +129,8 @@ class EngineSettings:
         if fused and device.type != "cuda":
             raise ValueError(f"{' and '.join(fused)}: CUDA kernels, but the device is {device.type}")
         if self.gelu_epilogue and self.fp8:
-            # Its GEMM is an fp8 one, whose GELU torch.compile already fuses into the next quantisation.
+            # Its GEMM is an fp8 one, whose GELU already fuses into the next quantisation (torch.compile's
+            # kernel, or the Triton one with triton_kernels).
             raise ValueError("gelu_epilogue is for the bf16 FFN; with fp8 layers leave it off")
         if self.plain and (self.compile or self.fp8 or attention == "fp8" or fused):
             raise ValueError(

@@ -393,9 +393,9 @@ class DiTBlock(nn.Module):
         """The modulated stream as token rows, in the dtype the q/k/v projections compute in (bf16 for bf16
         and fp8 layers), or quantised already (`_modulated_rows`). With the cast here, a compiled block's
         first graph writes bf16, instead of float32 that the self-attention's own graph (compile.py) would
-        read back only to cast it. bf16 layers compute the same; fp8 layers quantise the bf16-rounded rows,
-        which moves an e4m3 code only at rounding ties (the benchmark's fp8 latent error was unchanged to
-        three digits)."""
+        read back only to cast it. bf16 layers compute the same; unfused fp8 layers quantise the bf16-rounded
+        rows, which moves an e4m3 code only at rounding ties (the benchmark's fp8 latent error was unchanged
+        to three digits); the fused kernel quantises the float32 rows."""
         rows = self._modulated_rows(x, shift, scale, ctx)
         return rows if isinstance(rows, Quantized) else rows.to(self.self_attn.q.output_dtype)
 
