@@ -17,11 +17,16 @@ import functools
 import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -46,6 +51,52 @@ def prefect_api_problem(url: str | None) -> str | None:
         return None  # the server answered (it may want an API key): it is reachable
     except (OSError, ValueError) as error:
         return f"the Prefect API at {url} does not answer ({error})"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def ray_head(num_gpus: int, num_cpus: int, log_path: Path, start_timeout_s: float = 120.0) -> Iterator[str]:
+    """A Ray cluster of one head node on this machine, `num_gpus` GPUs (logical ones on a machine without
+    them) and `num_cpus` CPUs, stopped on exit; yields its address for `RayActorTaskRunner`. Token auth off
+    (Ray 2.60 would write ~/.ray/auth_token), no dashboard, no usage stats; its output goes to `log_path`."""
+    command = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",  # `ray start`, also where pip put no `ray` script
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={(port := free_port())}",
+        f"--ray-client-server-port={free_port()}",
+        f"--num-cpus={num_cpus}",
+        f"--num-gpus={num_gpus}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    with log_path.open("w") as log:
+        head = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while "Ray runtime started" not in log_path.read_text():
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not start; see {log_path}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()  # `ray start --block` stops the cluster it started on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)

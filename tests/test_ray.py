@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from itertools import combinations
@@ -20,17 +17,11 @@ import torch
 from helpers import job_row
 from test_flows import statuses, write_manifest
 
-from flows.ray_runner import RayActorTaskRunner, prefect_api_problem
+from flows.ray_runner import RayActorTaskRunner, free_port, prefect_api_problem, ray_head
 from flows.render import render_manifest
 from worldgen.render import TIMINGS, VIDEO
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,35 +35,8 @@ def no_ray_token() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`ray start --head` with 4 CPUs and 2 logical GPUs on this machine; yields its address."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("ray") / "head.log"
-    command = [
-        str(Path(sys.executable).with_name("ray")),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        f"--ray-client-server-port={free_port()}",
-        "--num-cpus=4",
-        "--num-gpus=2",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-    ]
-    with log_path.open("w") as log:
-        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while "Ray runtime started" not in log_path.read_text():
-            assert head.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        head.terminate()  # `ray start --block` stops the cluster it started on SIGTERM
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+    with ray_head(2, 4, tmp_path_factory.mktemp("ray") / "head.log") as address:
+        yield address
 
 
 def decoded_frames(video: Path) -> list[bytes]:

@@ -85,10 +85,12 @@ VAE_DTYPE_HELP = "float32|bfloat16 (default: bf16 on CUDA for the fast path, flo
 ATTENTION_HELP = "auto|cudnn|flash|efficient|math|default|fa4|fa3|fp8"
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a render, shared by `worldgen render` and `python -m flows.render`."""
-    parser.add_argument("--model", default="tiny", help="preset name (random weights) or model folder")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+def add_engine_arguments(parser: argparse.ArgumentParser, model: str = "tiny", device: str = "cpu") -> None:
+    """The options of a render, shared by `worldgen render`, `python -m flows.render` and `flows.scaleout`."""
+    parser.add_argument(
+        "--model", default=model, help=f"preset name (random weights) or model folder (default: {model})"
+    )
+    parser.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default: {device})")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else f32)")
     parser.add_argument("--vae-dtype", default=None, help=VAE_DTYPE_HELP)
     parser.add_argument("--attention", default="auto", help=ATTENTION_HELP)

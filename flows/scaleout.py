@@ -1,0 +1,222 @@
+"""Batch throughput against GPU count: the same manifest rendered through the Ray runner on 1, 2, ... GPUs.
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.scaleout --gpus 1 2 --out OUT \
+        --compile --fp8 --attention fp8 --triton-kernels --no-write-video
+
+It writes one synthetic manifest of `--jobs` jobs (8 by default) with the benchmark's image and camera path
+(worldgen/bench.py) at the benchmark's geometry (832x480, chunk 3, window 21, sink 3), `--frame-num` frames
+each (81 = 7 chunks by default) and one seed per job, for the full-size `lingbot-world-fast` with random
+weights on CUDA unless `--model`/`--device` say otherwise. For each GPU count K it starts a Ray head on this
+machine with K GPUs, renders the manifest with `render_manifest(runner="ray")`, one job at a time per GPU,
+into OUT/gpus-K, and stops the cluster. A GPU count above the machine's GPUs is an error, not a smaller run.
+
+Per GPU count, OUT/scaleout.json and the printed table give:
+- `batch_seconds`: from the first render's start to the last one's end, and `jobs_per_hour` over it. Each
+  worker's first job includes compiling the blocks for the job's shape (with `--compile`).
+- `steady_jobs_per_hour`: the jobs after each worker's first, over the time from that first job's end to the
+  worker's last (summed over workers; none when every worker renders one job).
+- `scaling_efficiency`: jobs per hour over K times those of one GPU (both figures), when 1 is a count.
+- per GPU: its jobs, their mean steady seconds per chunk, and the models its worker loaded (must be 1).
+The flow needs a Prefect server every Ray worker reaches (PREFECT_API_URL), as `--runner ray` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flows.ray_runner import ray_head
+from flows.render import render_manifest
+from worldgen.bench import BenchSettings, write_inputs
+from worldgen.cli import add_engine_arguments, engine_options
+from worldgen.config import get_preset, job_to_dict
+from worldgen.timing import atomic_output
+
+SUMMARY_FILE = "scaleout.json"
+
+
+def write_manifest(folder: Path, jobs: int, geometry: BenchSettings, model: str) -> Path:
+    """`jobs` jobs over one synthetic image and camera path (the benchmark's), seeds 0..jobs-1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    control_type = get_preset(model).dit.control_type
+    job = write_inputs(folder, geometry, control_type)
+    rows = [
+        {k: v for k, v in job_to_dict(replace(job, job_id=f"scale-{i}", seed=i)).items() if v is not None}
+        for i in range(jobs)
+    ]
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest
+
+
+def _times(row: dict[str, Any]) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(row["started_at"]), datetime.fromisoformat(row["finished_at"])
+
+
+def measure(results: list[dict[str, Any]], gpus: int) -> dict[str, Any]:
+    """Throughput and per-GPU figures of one batch from the flow's per-job results (their worker records)."""
+    rendered = [row for row in results if row["status"] == "rendered"]
+    if len(rendered) != len(results):
+        raise ValueError(f"{len(results) - len(rendered)} jobs were skipped: render into an empty folder")
+    starts, ends = zip(*map(_times, rendered), strict=True)
+    batch_seconds = (max(ends) - min(starts)).total_seconds()
+    per_worker: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in sorted(rendered, key=lambda row: row["started_at"]):
+        per_worker[row["worker_host"], row["worker_pid"]].append(row)
+    steady_rate = 0.0  # jobs per second, summed over workers
+    workers = []
+    for (host, pid), rows in per_worker.items():
+        first_end, last_end = _times(rows[0])[1], _times(rows[-1])[1]
+        if len(rows) > 1:
+            steady_rate += (len(rows) - 1) / (last_end - first_end).total_seconds()
+        chunk_seconds = [row["steady_seconds_per_chunk"] for row in rows if row["steady_seconds_per_chunk"]]
+        workers.append(
+            {
+                "host": host,
+                "pid": pid,
+                "gpus": rows[0]["worker_gpus"],
+                "jobs": len(rows),
+                "first_job_seconds": (first_end - _times(rows[0])[0]).total_seconds(),
+                "steady_seconds_per_chunk": statistics.mean(chunk_seconds) if chunk_seconds else None,
+                "model_loads": max(row["model_loads"] for row in rows),
+            }
+        )
+    steady = any(worker["jobs"] > 1 for worker in workers)
+    return {
+        "gpus": gpus,
+        "jobs": len(rendered),
+        "workers": len(workers),
+        "batch_seconds": batch_seconds,
+        "jobs_per_hour": 3600 * len(rendered) / batch_seconds,
+        "steady_jobs_per_hour": 3600 * steady_rate if steady else None,
+        "per_gpu": sorted(workers, key=lambda worker: str(worker["gpus"])),
+    }
+
+
+def add_scaling(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run with `scaling_efficiency` against the one-GPU run (None without one): jobs per hour over K
+    times the one-GPU figure, for the whole batch and for the steady jobs."""
+    single = next((run for run in runs if run["gpus"] == 1), None)
+
+    def efficiency(run: dict[str, Any], key: str) -> float | None:
+        if single is None or not run[key] or not single[key]:
+            return None
+        return run[key] / (run["gpus"] * single[key])
+
+    return [
+        {
+            **run,
+            "scaling_efficiency": {
+                "batch": efficiency(run, "jobs_per_hour"),
+                "steady": efficiency(run, "steady_jobs_per_hour"),
+            },
+        }
+        for run in runs
+    ]
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    def shown(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = ["GPUs  jobs  batch s  jobs/h  steady jobs/h  efficiency  s/chunk per GPU  model loads per GPU"]
+    for run in runs:
+        per_gpu = run["per_gpu"]
+        lines.append(
+            f"{run['gpus']:>4}  {run['jobs']:>4}  {run['batch_seconds']:>7.1f}  "
+            f"{run['jobs_per_hour']:>6.1f}  "
+            f"{shown(run['steady_jobs_per_hour']):>13}  {shown(run['scaling_efficiency']['steady'], 3):>10}  "
+            f"{' '.join(shown(gpu['steady_seconds_per_chunk'], 3) for gpu in per_gpu):>15}  "
+            f"{' '.join(str(gpu['model_loads']) for gpu in per_gpu)}"
+        )
+    return "\n".join(lines)
+
+
+def scaleout(
+    gpu_counts: list[int],
+    jobs: int,
+    out_dir: Path,
+    geometry: BenchSettings,
+    engine: dict[str, Any],
+    write_video: bool,
+) -> list[dict[str, Any]]:
+    """Render the same manifest on a Ray cluster of each GPU count in turn; the measured runs."""
+    if not gpu_counts or min(gpu_counts) < 1:
+        raise ValueError(f"GPU counts must be >= 1, got {gpu_counts}")
+    physical = torch.cuda.device_count()
+    if torch.device(engine["device"]).type == "cuda" and max(gpu_counts) > physical:
+        raise ValueError(f"{max(gpu_counts)} GPUs asked for, but this machine has {physical}")
+    manifest = write_manifest(out_dir / "inputs", jobs, geometry, engine["model"])
+    runs = []
+    for gpus in gpu_counts:
+        batch_dir = out_dir / f"gpus-{gpus}"
+        if batch_dir.exists():
+            raise ValueError(f"{batch_dir} exists: a scale-out run renders into fresh folders")
+        batch_dir.mkdir(parents=True)
+        # One CPU per worker, as the runner asks, plus room for Ray's own processes.
+        with ray_head(gpus, gpus + 2, batch_dir / "ray-head.log") as address:
+            results = render_manifest(
+                str(manifest),
+                str(batch_dir),
+                **engine,
+                write_video=write_video,
+                runner="ray",
+                ray_address=address,
+                gpus_per_job=1,
+            )
+        runs.append(measure(results, gpus))
+        print(f"{gpus} GPU(s): {runs[-1]['jobs_per_hour']:.1f} jobs/h over the batch", flush=True)
+    runs = add_scaling(runs)
+    with atomic_output(out_dir / SUMMARY_FILE) as temp:
+        temp.write_text(json.dumps({"manifest": str(manifest), "engine": engine, "runs": runs}, indent=2))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.scaleout", description=__doc__.split("\n")[0])
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPU counts (default: 1 2)")
+    parser.add_argument("--jobs", type=int, default=8, help="jobs in the manifest (default: 8)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (must not hold earlier runs)")
+    parser.add_argument("--frame-num", type=int, default=81, help="frames per job (default: 81 = 7 chunks)")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--chunk-size", type=int, default=3)
+    parser.add_argument("--window", type=int, default=21, help="local_attn_size in latent frames")
+    parser.add_argument("--sink", type=int, default=3)
+    add_engine_arguments(parser, model="lingbot-world-fast", device="cuda")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    # The heads run without token auth; so does this driver (Ray 2.60 would write ~/.ray/auth_token).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not os.environ.get("PREFECT_API_URL"):
+        parser.error(
+            "PREFECT_API_URL must name a Prefect server (prefect server start) the Ray workers reach"
+        )
+    geometry = BenchSettings(
+        out=args.out,
+        height=args.height,
+        width=args.width,
+        frame_num=args.frame_num,
+        chunk_size=args.chunk_size,
+        window=args.window,
+        sink=args.sink,
+    )
+    runs = scaleout(args.gpus, args.jobs, args.out, geometry, engine_options(args), args.write_video)
+    print(format_table(runs))
+    print(f"results: {args.out / SUMMARY_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
