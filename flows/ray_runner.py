@@ -9,6 +9,9 @@ copy of the model beside an idle one. An actor holds its GPUs, and the CUDA_VISI
 them, for its whole life. So this runner starts one actor per `num_gpus` share of the cluster (Ray places
 them) and runs each Prefect task run in an idle actor through prefect-ray's own task entrypoint. Ray's
 retries are off (no actor restarts, no actor task retries): Prefect's retries are the only ones.
+
+`ray_head` starts a one-node cluster on this machine (logical GPUs where there are none): the scale-out
+measurement (flows/scaleout.py) and the tests run on it.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def ray_head(num_gpus: int, num_cpus: int, log_path: Path, start_timeout_s: floa
         deadline = time.monotonic() + start_timeout_s
         while "Ray runtime started" not in log_path.read_text():
             if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not start; see {log_path}")
+                tail = "\n".join(log_path.read_text().splitlines()[-20:])
+                raise RuntimeError(f"the Ray head did not start ({log_path}):\n{tail}")
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:

@@ -10,13 +10,18 @@ weights on CUDA unless `--model`/`--device` say otherwise. For each GPU count K 
 machine with K GPUs, renders the manifest with `render_manifest(runner="ray")`, one job at a time per GPU,
 into OUT/gpus-K, and stops the cluster. A GPU count above the machine's GPUs is an error, not a smaller run.
 
-Per GPU count, OUT/scaleout.json and the printed table give:
-- `batch_seconds`: from the first render's start to the last one's end, and `jobs_per_hour` over it. Each
+Every worker should render at least two jobs, so `--jobs` must be at least twice the largest GPU count.
+It renders a preset (random weights); a model folder is refused.
+
+Per GPU count, OUT/scaleout.json (rewritten after each count) and the printed table give:
+- `render_seconds`: from the first render's start to the last one's end, and `jobs_per_hour` over it. Each
   worker's first job includes compiling the blocks for the job's shape (with `--compile`).
+  `flow_seconds` is all of it: the Ray cluster's start, the workers' model loads, the prompt embedding.
 - `steady_jobs_per_hour`: the jobs after each worker's first, over the time from that first job's end to the
-  worker's last (summed over workers; none when every worker renders one job).
-- `scaling_efficiency`: jobs per hour over K times those of one GPU (both figures), when 1 is a count.
-- per GPU: its jobs, their mean steady seconds per chunk, and the models its worker loaded (must be 1).
+  worker's last, summed over workers; none unless each of the K workers rendered at least two jobs.
+- `scaling_efficiency`: jobs per hour over K times those of one GPU (render and steady), when 1 is a count.
+- per GPU (`cuda_visible_devices`, as Ray set it): its jobs, its first job's seconds, their mean steady
+  seconds per chunk, and the models its worker loaded (1 when each worker keeps its model).
 The flow needs a Prefect server every Ray worker reaches (PREFECT_API_URL), as `--runner ray` does.
 """
 
@@ -27,6 +32,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections import defaultdict
 from dataclasses import replace
 from datetime import datetime
@@ -38,8 +44,8 @@ import torch
 from flows.ray_runner import ray_head
 from flows.render import render_manifest
 from worldgen.bench import BenchSettings, write_inputs
-from worldgen.cli import add_engine_arguments, engine_options
-from worldgen.config import get_preset, job_to_dict
+from worldgen.cli import add_engine_arguments, add_geometry_arguments, engine_options
+from worldgen.config import PRESETS, get_preset, job_to_dict
 from worldgen.timing import atomic_output
 
 SUMMARY_FILE = "scaleout.json"
@@ -63,20 +69,28 @@ def _times(row: dict[str, Any]) -> tuple[datetime, datetime]:
     return datetime.fromisoformat(row["started_at"]), datetime.fromisoformat(row["finished_at"])
 
 
-def measure(results: list[dict[str, Any]], gpus: int) -> dict[str, Any]:
+def _device_order(devices: str) -> tuple[int, str]:
+    return len(devices), devices  # "2" before "10"
+
+
+def measure(results: list[dict[str, Any]], gpus: int, flow_seconds: float) -> dict[str, Any]:
     """Throughput and per-GPU figures of one batch from the flow's per-job results (their worker records)."""
-    rendered = [row for row in results if row["status"] == "rendered"]
-    if len(rendered) != len(results):
-        raise ValueError(f"{len(results) - len(rendered)} jobs were skipped: render into an empty folder")
-    starts, ends = zip(*map(_times, rendered), strict=True)
-    batch_seconds = (max(ends) - min(starts)).total_seconds()
+    if not results:
+        raise ValueError("no job results to measure")
+    not_rendered = sorted(row["job_id"] for row in results if row["status"] != "rendered")
+    if not_rendered:
+        raise ValueError(
+            f"jobs {', '.join(not_rendered)} were not rendered by this run: render into fresh folders"
+        )
+    starts, ends = zip(*map(_times, results), strict=True)
+    render_seconds = (max(ends) - min(starts)).total_seconds()
     per_worker: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    for row in sorted(rendered, key=lambda row: row["started_at"]):
+    for row in sorted(results, key=lambda row: _times(row)[0]):
         per_worker[row["worker_host"], row["worker_pid"]].append(row)
-    steady_rate = 0.0  # jobs per second, summed over workers
+    steady_rate = 0.0  # jobs per second after each worker's first, summed over workers
     workers = []
     for (host, pid), rows in per_worker.items():
-        first_end, last_end = _times(rows[0])[1], _times(rows[-1])[1]
+        (first_start, first_end), last_end = _times(rows[0]), _times(rows[-1])[1]
         if len(rows) > 1:
             steady_rate += (len(rows) - 1) / (last_end - first_end).total_seconds()
         chunk_seconds = [row["steady_seconds_per_chunk"] for row in rows if row["steady_seconds_per_chunk"]]
@@ -84,28 +98,30 @@ def measure(results: list[dict[str, Any]], gpus: int) -> dict[str, Any]:
             {
                 "host": host,
                 "pid": pid,
-                "gpus": rows[0]["worker_gpus"],
+                "cuda_visible_devices": rows[0]["worker_gpus"],
                 "jobs": len(rows),
-                "first_job_seconds": (first_end - _times(rows[0])[0]).total_seconds(),
+                "first_job_seconds": (first_end - first_start).total_seconds(),
                 "steady_seconds_per_chunk": statistics.mean(chunk_seconds) if chunk_seconds else None,
                 "model_loads": max(row["model_loads"] for row in rows),
             }
         )
-    steady = any(worker["jobs"] > 1 for worker in workers)
+    # A worker with one job (or none) adds no steady rate: the sum would understate what K GPUs do.
+    steady = len(workers) == gpus and all(worker["jobs"] > 1 for worker in workers)
     return {
         "gpus": gpus,
-        "jobs": len(rendered),
+        "jobs": len(results),
         "workers": len(workers),
-        "batch_seconds": batch_seconds,
-        "jobs_per_hour": 3600 * len(rendered) / batch_seconds,
+        "flow_seconds": flow_seconds,
+        "render_seconds": render_seconds,
+        "jobs_per_hour": 3600 * len(results) / render_seconds,
         "steady_jobs_per_hour": 3600 * steady_rate if steady else None,
-        "per_gpu": sorted(workers, key=lambda worker: str(worker["gpus"])),
+        "per_gpu": sorted(workers, key=lambda worker: _device_order(str(worker["cuda_visible_devices"]))),
     }
 
 
 def add_scaling(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each run with `scaling_efficiency` against the one-GPU run (None without one): jobs per hour over K
-    times the one-GPU figure, for the whole batch and for the steady jobs."""
+    times the one-GPU figure, over the renders and over the steady jobs."""
     single = next((run for run in runs if run["gpus"] == 1), None)
 
     def efficiency(run: dict[str, Any], key: str) -> float | None:
@@ -117,7 +133,7 @@ def add_scaling(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {
             **run,
             "scaling_efficiency": {
-                "batch": efficiency(run, "jobs_per_hour"),
+                "render": efficiency(run, "jobs_per_hour"),
                 "steady": efficiency(run, "steady_jobs_per_hour"),
             },
         }
@@ -129,15 +145,21 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     def shown(value: float | None, digits: int = 1) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    lines = ["GPUs  jobs  batch s  jobs/h  steady jobs/h  efficiency  s/chunk per GPU  model loads per GPU"]
+    lines = [
+        "GPUs  jobs  flow s  render s  jobs/h  steady jobs/h  efficiency render/steady  "
+        "first job s | s/chunk | model loads, per GPU"
+    ]
     for run in runs:
-        per_gpu = run["per_gpu"]
+        efficiency = run["scaling_efficiency"]
+        per_gpu = " ".join(
+            f"{gpu['first_job_seconds']:.1f}|{shown(gpu['steady_seconds_per_chunk'], 3)}|{gpu['model_loads']}"
+            for gpu in run["per_gpu"]
+        )
         lines.append(
-            f"{run['gpus']:>4}  {run['jobs']:>4}  {run['batch_seconds']:>7.1f}  "
-            f"{run['jobs_per_hour']:>6.1f}  "
-            f"{shown(run['steady_jobs_per_hour']):>13}  {shown(run['scaling_efficiency']['steady'], 3):>10}  "
-            f"{' '.join(shown(gpu['steady_seconds_per_chunk'], 3) for gpu in per_gpu):>15}  "
-            f"{' '.join(str(gpu['model_loads']) for gpu in per_gpu)}"
+            f"{run['gpus']:>4}  {run['jobs']:>4}  {run['flow_seconds']:>6.1f}  "
+            f"{run['render_seconds']:>8.1f}  "
+            f"{run['jobs_per_hour']:>6.1f}  {shown(run['steady_jobs_per_hour']):>13}  "
+            f"{shown(efficiency['render'], 3):>11}/{shown(efficiency['steady'], 3):<12}  {per_gpu}"
         )
     return "\n".join(lines)
 
@@ -150,21 +172,35 @@ def scaleout(
     engine: dict[str, Any],
     write_video: bool,
 ) -> list[dict[str, Any]]:
-    """Render the same manifest on a Ray cluster of each GPU count in turn; the measured runs."""
-    if not gpu_counts or min(gpu_counts) < 1:
-        raise ValueError(f"GPU counts must be >= 1, got {gpu_counts}")
+    """Render the same manifest on a Ray cluster of each GPU count in turn; the measured runs.
+
+    Everything is checked before anything is written; the summary is rewritten after each GPU count, so a
+    failed count keeps the ones before it.
+    """
+    if not gpu_counts or min(gpu_counts) < 1 or len(set(gpu_counts)) != len(gpu_counts):
+        raise ValueError(f"GPU counts must be distinct and >= 1, got {gpu_counts}")
+    if jobs < 2 * max(gpu_counts):
+        raise ValueError(
+            f"{jobs} jobs for up to {max(gpu_counts)} GPUs: each worker needs two jobs or more for a steady "
+            f"figure (at least {2 * max(gpu_counts)} jobs)"
+        )
+    if engine["model"] not in PRESETS:
+        raise ValueError(f"the scale-out renders a preset ({', '.join(PRESETS)}), not {engine['model']!r}")
     physical = torch.cuda.device_count()
     if torch.device(engine["device"]).type == "cuda" and max(gpu_counts) > physical:
         raise ValueError(f"{max(gpu_counts)} GPUs asked for, but this machine has {physical}")
+    # Absolute: the manifest's paths are read relative to the manifest's own folder.
+    out_dir = out_dir.resolve()
+    batch_dirs = {gpus: out_dir / f"gpus-{gpus}" for gpus in gpu_counts}
+    if used := [str(folder) for folder in batch_dirs.values() if folder.exists()]:
+        raise ValueError(f"{', '.join(used)} exist: a scale-out run renders into fresh folders")
     manifest = write_manifest(out_dir / "inputs", jobs, geometry, engine["model"])
-    runs = []
-    for gpus in gpu_counts:
-        batch_dir = out_dir / f"gpus-{gpus}"
-        if batch_dir.exists():
-            raise ValueError(f"{batch_dir} exists: a scale-out run renders into fresh folders")
+    runs: list[dict[str, Any]] = []
+    for gpus, batch_dir in batch_dirs.items():
         batch_dir.mkdir(parents=True)
-        # One CPU per worker, as the runner asks, plus room for Ray's own processes.
-        with ray_head(gpus, gpus + 2, batch_dir / "ray-head.log") as address:
+        started = time.perf_counter()
+        # One CPU per worker, as the runner asks of each.
+        with ray_head(gpus, gpus, batch_dir / "ray-head.log") as address:
             results = render_manifest(
                 str(manifest),
                 str(batch_dir),
@@ -174,35 +210,31 @@ def scaleout(
                 ray_address=address,
                 gpus_per_job=1,
             )
-        runs.append(measure(results, gpus))
-        print(f"{gpus} GPU(s): {runs[-1]['jobs_per_hour']:.1f} jobs/h over the batch", flush=True)
-    runs = add_scaling(runs)
-    with atomic_output(out_dir / SUMMARY_FILE) as temp:
-        temp.write_text(json.dumps({"manifest": str(manifest), "engine": engine, "runs": runs}, indent=2))
+        runs = add_scaling([*runs, measure(results, gpus, time.perf_counter() - started)])
+        with atomic_output(out_dir / SUMMARY_FILE) as temp:
+            temp.write_text(json.dumps({"manifest": str(manifest), "engine": engine, "runs": runs}, indent=2))
+        print(f"{gpus} GPU(s): {runs[-1]['jobs_per_hour']:.1f} jobs/h over the renders", flush=True)
     return runs
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.scaleout", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.scaleout",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPU counts (default: 1 2)")
     parser.add_argument("--jobs", type=int, default=8, help="jobs in the manifest (default: 8)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (must not hold earlier runs)")
-    parser.add_argument("--frame-num", type=int, default=81, help="frames per job (default: 81 = 7 chunks)")
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--chunk-size", type=int, default=3)
-    parser.add_argument("--window", type=int, default=21, help="local_attn_size in latent frames")
-    parser.add_argument("--sink", type=int, default=3)
+    add_geometry_arguments(parser, frame_num=81)
     add_engine_arguments(parser, model="lingbot-world-fast", device="cuda")
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    # The heads run without token auth; so does this driver (Ray 2.60 would write ~/.ray/auth_token).
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not os.environ.get("PREFECT_API_URL"):
         parser.error(
             "PREFECT_API_URL must name a Prefect server (prefect server start) the Ray workers reach"
         )
+    # The heads run without token auth, so must this driver (Ray 2.60 would write ~/.ray/auth_token).
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     geometry = BenchSettings(
         out=args.out,
         height=args.height,
@@ -212,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         window=args.window,
         sink=args.sink,
     )
-    runs = scaleout(args.gpus, args.jobs, args.out, geometry, engine_options(args), args.write_video)
+    try:
+        runs = scaleout(args.gpus, args.jobs, args.out, geometry, engine_options(args), args.write_video)
+    except ValueError as error:
+        parser.error(str(error))
     print(format_table(runs))
     print(f"results: {args.out / SUMMARY_FILE}")
     return 0

@@ -1,4 +1,5 @@
-"""Shared fixtures: the peer-parity folder, and one real Prefect server for the whole test session."""
+"""Shared fixtures: the peer-parity folder, one real Prefect server for the whole test session, and Ray
+without token auth."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (the project's shared folder sits beside the checkout)")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def no_ray_token() -> Iterator[None]:
+    """Ray 2.60 turns token auth on for a new cluster and writes ~/.ray/auth_token unless told not to."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        yield
 
 
 def _free_port() -> int:

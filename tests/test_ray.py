@@ -21,19 +21,11 @@ from flows.ray_runner import RayActorTaskRunner, free_port, prefect_api_problem,
 from flows.render import render_manifest
 from worldgen.render import TIMINGS, VIDEO
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_ray_token() -> Iterator[None]:
-    # Ray 2.60 turns token auth on for a new cluster and writes ~/.ray/auth_token unless told not to.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "disabled")
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_api", "no_ray_token")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, no_ray_token: None) -> Iterator[str]:
     """`ray start --head` with 4 CPUs and 2 logical GPUs on this machine; yields its address."""
     with ray_head(2, 4, tmp_path_factory.mktemp("ray") / "head.log") as address:
         yield address

@@ -113,6 +113,21 @@ def add_fused_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_geometry_arguments(parser: argparse.ArgumentParser, frame_num: int) -> None:
+    """The synthetic job's geometry (the published figure's by default), shared by `worldgen bench` and
+    `python -m flows.scaleout`."""
+    parser.add_argument("--height", type=int, default=480, help="frame height in pixels (default: 480)")
+    parser.add_argument("--width", type=int, default=832, help="frame width in pixels (default: 832)")
+    parser.add_argument(
+        "--frame-num", type=int, default=frame_num, help=f"video frames (default: {frame_num})"
+    )
+    parser.add_argument("--chunk-size", type=int, default=3, help="latent frames per chunk (default: 3)")
+    parser.add_argument(
+        "--window", type=int, default=21, help="local_attn_size in latent frames; -1: all (default: 21)"
+    )
+    parser.add_argument("--sink", type=int, default=3, help="sink_size in latent frames (default: 3)")
+
+
 ENGINE_OPTIONS = (
     "model",
     "device",
@@ -157,12 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on CUDA, else f32)")
     bench.add_argument("--vae-dtype", default=None, help=f"fast path: {VAE_DTYPE_HELP}")
     bench.add_argument("--attention", default="auto", help=f"fast path: {ATTENTION_HELP}")
-    bench.add_argument("--height", type=int, default=480)
-    bench.add_argument("--width", type=int, default=832)
-    bench.add_argument("--frame-num", type=int, default=201)
-    bench.add_argument("--chunk-size", type=int, default=3, help="latent frames per chunk")
-    bench.add_argument("--window", type=int, default=21, help="local_attn_size in latent frames; -1: all")
-    bench.add_argument("--sink", type=int, default=3, help="sink_size in latent frames")
+    add_geometry_arguments(bench, frame_num=201)
     bench.add_argument("--chunks", type=int, default=None, help="time only the first N chunks")
     bench.add_argument("--warmup-chunks", type=int, default=1, help="left out of the steady state")
     bench.add_argument("--seed", type=int, default=0, help="noise seed of the job")

@@ -26,10 +26,12 @@ cuBLAS < 12.9, takes nothing else). Elsewhere the same quantised tensors are mul
 (products of e4m3 numbers are exact in float32; only the summation order differs from the kernel).
 
 Fast accumulation (`fast_accum`, on by default): the kernel keeps its partial sums in the tensor cores'
-accumulators instead of promoting them to float32 registers every few K-steps. On an H200 at full size the
-5120 x 5120 layers run 13% faster (1.42 against 1.25 PFLOP/s with their bias), the others 0 to 4%, and the
-product's error against the exact sum of the codes goes from 0.0017 to 0.0020 (0.0026 at K = 13824), next
-to the ~0.03 of the e4m3 roundings themselves (docs/benchmarks.md, seventh round).
+accumulators instead of promoting them to float32 registers every few K-steps. On an H200, the model's
+layers at full size ran 10 to 14% faster (the benchmark's floor, run B7 against B7x: 1362 against 1231
+TFLOP/s for 5120 -> 5120, 1451 against 1277 for the FFN's up projection, 1398 against 1270 for its down
+projection), 53 ms less per chunk. On one 4680 x 5120 x 5120 product of random data, the error against
+the exact sum of the codes went from 0.0017 to 0.0020 (0.0026 at K = 13824), next to the ~0.03 of the
+e4m3 roundings themselves (docs/benchmarks.md, seventh round).
 
 State dict: the keys of the swapped layers stay (`weight` now float8_e4m3fn, `bias` bf16), and every swapped
 layer adds `<layer>.weight_scale`. A quantised model therefore loads only its own state dict; load the
@@ -68,7 +70,8 @@ def scaled_mm(
     w_codes: Tensor,
     w_scale: Tensor,
     bias: Tensor | None,
-    fast_accum: bool = False,
+    *,
+    fast_accum: bool,
 ) -> Tensor:
     """bf16 [M, N] = (x_codes * x_scale) @ (w_codes * w_scale[:, None]).T + bias through torch._scaled_mm.
 
@@ -92,7 +95,8 @@ def scaled_mm_emulated(
     w_codes: Tensor,
     w_scale: Tensor,
     bias: Tensor | None,
-    fast_accum: bool = False,
+    *,
+    fast_accum: bool,
 ) -> Tensor:
     """`scaled_mm` computed in float32 on any device: the products of e4m3 codes are exact, the scales and
     the bias are applied after the sum as the kernel's epilogue does, and the result is rounded once.
@@ -156,7 +160,7 @@ class Fp8Linear(nn.Module):
     def product(self, x_codes: Tensor, x_scale: Tensor) -> Tensor:
         """The layer's matmul of an already quantised activation [M, K] -> bf16 [M, N]."""
         matmul = scaled_mm if self.use_scaled_mm else scaled_mm_emulated
-        return matmul(x_codes, x_scale, self.weight, self.weight_scale, self.bias, self.fast_accum)
+        return matmul(x_codes, x_scale, self.weight, self.weight_scale, self.bias, fast_accum=self.fast_accum)
 
     def extra_repr(self) -> str:
         return (
