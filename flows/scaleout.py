@@ -8,7 +8,8 @@ It writes one synthetic manifest of `--jobs` jobs (8 by default) with the benchm
 each (81 = 7 chunks by default) and one seed per job, for the full-size `lingbot-world-fast` with random
 weights on CUDA unless `--model`/`--device` say otherwise. For each GPU count K it starts a Ray head on this
 machine with K GPUs, renders the manifest with `render_manifest(runner="ray")`, one job at a time per GPU,
-into OUT/gpus-K, and stops the cluster. A GPU count above the machine's GPUs is an error, not a smaller run.
+into OUT/gpus-K, and stops the cluster. OUT must be new or empty. A GPU count above the machine's GPUs is
+an error, not a smaller run.
 
 Every worker should render at least two jobs, so `--jobs` must be at least twice the largest GPU count.
 It renders a preset (random weights); a model folder is refused.
@@ -191,9 +192,9 @@ def scaleout(
         raise ValueError(f"{max(gpu_counts)} GPUs asked for, but this machine has {physical}")
     # Absolute: the manifest's paths are read relative to the manifest's own folder.
     out_dir = out_dir.resolve()
+    if out_dir.exists() and any(out_dir.iterdir()):  # an earlier run's renders and summary stay as they are
+        raise ValueError(f"{out_dir} is not empty: a scale-out run writes into a new or empty folder")
     batch_dirs = {gpus: out_dir / f"gpus-{gpus}" for gpus in gpu_counts}
-    if used := [str(folder) for folder in batch_dirs.values() if folder.exists()]:
-        raise ValueError(f"{', '.join(used)} exist: a scale-out run renders into fresh folders")
     manifest = write_manifest(out_dir / "inputs", jobs, geometry, engine["model"])
     runs: list[dict[str, Any]] = []
     for gpus, batch_dir in batch_dirs.items():
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPU counts (default: 1 2)")
     parser.add_argument("--jobs", type=int, default=8, help="jobs in the manifest (default: 8)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (must not hold earlier runs)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder, new or empty")
     add_geometry_arguments(parser, frame_num=81)
     add_engine_arguments(parser, model="lingbot-world-fast", device="cuda")
     args = parser.parse_args(argv)

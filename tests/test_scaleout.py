@@ -112,7 +112,7 @@ def test_the_same_manifest_on_one_and_two_gpus(tmp_path, monkeypatch):
             assert pq.read_metadata(out / f"gpus-{gpus}" / f"scale-{job}" / TIMINGS).num_rows == 3
     assert json.loads((out / SUMMARY_FILE).read_text())["runs"] == runs
 
-    manifest = (out / "inputs" / "manifest.jsonl").read_text()
-    with pytest.raises(ValueError, match="exist: a scale-out run renders into fresh folders"):
+    summary = (out / SUMMARY_FILE).read_text()
+    with pytest.raises(ValueError, match="is not empty: a scale-out run writes into a new or empty folder"):
         scaleout([2], 4, out, geometry, default_engine(), write_video=False)
-    assert (out / "inputs" / "manifest.jsonl").read_text() == manifest  # refused before writing anything
+    assert (out / SUMMARY_FILE).read_text() == summary  # refused before writing anything
