@@ -45,7 +45,7 @@ import torch
 from flows.ray_runner import ray_head
 from flows.render import render_manifest
 from worldgen.bench import BenchSettings, write_inputs
-from worldgen.cli import add_engine_arguments, add_geometry_arguments, engine_options
+from worldgen.cli import add_engine_arguments, add_geometry_arguments, engine_options, geometry_options
 from worldgen.config import PRESETS, get_preset, job_to_dict
 from worldgen.timing import atomic_output
 
@@ -236,15 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     # The heads run without token auth, so must this driver (Ray 2.60 would write ~/.ray/auth_token).
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    geometry = BenchSettings(
-        out=args.out,
-        height=args.height,
-        width=args.width,
-        frame_num=args.frame_num,
-        chunk_size=args.chunk_size,
-        window=args.window,
-        sink=args.sink,
-    )
+    geometry = BenchSettings(out=args.out, **geometry_options(args))
     try:
         runs = scaleout(args.gpus, args.jobs, args.out, geometry, engine_options(args), args.write_video)
     except ValueError as error:

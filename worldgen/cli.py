@@ -38,12 +38,7 @@ def _bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         vae_dtype=args.vae_dtype,
         attention=args.attention,
-        height=args.height,
-        width=args.width,
-        frame_num=args.frame_num,
-        chunk_size=args.chunk_size,
-        window=args.window,
-        sink=args.sink,
+        **geometry_options(args),
         chunks=args.chunks,
         warmup_chunks=args.warmup_chunks,
         seed=args.seed,
@@ -145,6 +140,15 @@ ENGINE_OPTIONS = (
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
     """The EngineSettings fields that `add_engine_arguments` parsed."""
     return {name: getattr(args, name) for name in ENGINE_OPTIONS}
+
+
+# BenchSettings fields of `add_geometry_arguments`' options.
+GEOMETRY_OPTIONS = ("height", "width", "frame_num", "chunk_size", "window", "sink")
+
+
+def geometry_options(args: argparse.Namespace) -> dict[str, int]:
+    """The BenchSettings fields that `add_geometry_arguments` parsed."""
+    return {name: getattr(args, name) for name in GEOMETRY_OPTIONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
