@@ -14,7 +14,13 @@ from worldgen import quant as quant_module
 from worldgen.config import DiTConfig, get_preset
 from worldgen.models import fp8_rows
 from worldgen.models.dit import CausalDiT, Linear
-from worldgen.models.fp8_rows import Quantized, dequantize_rows, fused_quantize, quantize_rows
+from worldgen.models.fp8_rows import (
+    Quantized,
+    dequantize_rows,
+    fused_quantize,
+    fused_residual_quantize,
+    quantize_rows,
+)
 from worldgen.models.kv_cache import E4M3
 from worldgen.quant import (
     Fp8Linear,
@@ -238,6 +244,94 @@ def test_quantize_rows_op_passes_opcheck(form: str) -> None:
     torch.library.opcheck(torch.ops.worldgen.quantize_rows.default, op_arguments)
 
 
+def _residual_forms(stream: torch.Tensor) -> dict[str, tuple[tuple, dict, torch.Tensor]]:
+    """fused_residual_quantize's (update,), keyword arguments and the float64 new stream, for the two ways
+    the DiT block calls it: the self-attention's gated update with the camera (then the affine norm3), and
+    the cross-attention's plain update (then the FFN's per-frame modulation)."""
+    batch, frames, tokens, width = stream.shape
+    update = _randn(batch, frames, tokens, width, seed=40).bfloat16()
+    gate = _randn(batch, frames, 1, width, seed=41)
+    camera = (_randn(*stream.shape, seed=42).bfloat16() / 4, _randn(*stream.shape, seed=43).bfloat16())
+    mul, add = _randn(batch, frames, 1, width, seed=44), _randn(batch, frames, 1, width, seed=45)
+    weight, bias = _randn(width, seed=46), _randn(width, seed=47)
+    wide = stream.double() + gate.double() * update.double()
+    wide = wide * (1 + camera[0].double()) + camera[1].double()
+    return {
+        "gate and camera, affine norm": (
+            (update,),
+            {"gate": gate, "camera": camera, "eps": 1e-6, "mul": weight, "add": bias},
+            wide,
+        ),
+        "plain update, modulation": (
+            (update,),
+            {"eps": 1e-6, "mul": mul, "add": add},
+            stream.double() + update.double(),
+        ),
+    }
+
+
+def test_fused_residual_quantize_updates_the_stream_and_quantises_its_norm() -> None:
+    """The new stream to float32 rounding; its LayerNorm * mul + add within half an e4m3 step."""
+    stream = _randn(2, 3, 4, 64, seed=8) * 3
+    for form, (updates, arguments, expected_stream) in _residual_forms(stream).items():
+        new, (codes, scale) = fused_residual_quantize(stream, *updates, **arguments)
+        assert new.dtype == torch.float32 and codes.shape == stream.shape and scale.shape == (2, 3, 4, 1)
+        torch.testing.assert_close(new.double(), expected_stream, rtol=1e-6, atol=1e-6, msg=form)
+        normed = torch.nn.functional.layer_norm(expected_stream, (64,), eps=1e-6)
+        expected = normed * arguments["mul"].double() + arguments["add"].double()
+        error = (dequantize_rows(codes, scale).double() - expected).abs()
+        assert (error <= 2**-4 * expected.abs() + scale * 2**-9 + 1e-5).all(), form
+
+
+def test_fused_residual_quantize_checks_its_inputs() -> None:
+    stream = _randn(2, 3, 4, 32)
+    table = {"eps": 1e-6, "mul": torch.ones(32), "add": torch.zeros(32)}
+    with pytest.raises(ValueError, match=r"update and camera tensors \[\[2, 3, 4, 16\]\] must have"):
+        fused_residual_quantize(stream, _randn(2, 3, 4, 16), **table)
+    with pytest.raises(ValueError, match=r"gate \[3, 32\] must be \[32\] or \[2, 3, 1, 32\]"):
+        fused_residual_quantize(stream, stream, gate=torch.ones(3, 32), **table)
+    rows = stream.reshape(-1, 32)
+    with pytest.raises(ValueError, match="give both camera_scale and camera_shift, or neither"):
+        torch.ops.worldgen.residual_quantize_rows(rows, rows, None, rows, None, 1e-6, *torch.ones(2, 1, 32))
+    with pytest.raises(ValueError, match=r"residual_quantize_rows: gate \[5, 32\] must be \[R, 32\]"):
+        torch.ops.worldgen.residual_quantize_rows(
+            rows, rows, torch.ones(5, 32), None, None, 1e-6, *torch.ones(2, 1, 32)
+        )
+    with pytest.raises(ValueError, match=r"residual_quantize_rows: mul and add \[5, 32\] must be \[R, 32\]"):
+        torch.ops.worldgen.residual_quantize_rows(rows, rows, None, None, None, 1e-6, *torch.ones(2, 5, 32))
+    with pytest.raises(ValueError, match=r"the stream x must be float32 \(or float64\), got torch.bfloat16"):
+        torch.ops.worldgen.residual_quantize_rows(
+            rows.bfloat16(), rows, None, None, None, 1e-6, *torch.ones(2, 1, 32)
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_residual_quantize_stream_is_the_blocks_unfused_update(dtype: torch.dtype) -> None:
+    """The op's new stream (on a CPU, its reference) is the DiT block's unfused update bit for bit: the same
+    ops in the same order, in the stream's dtype (float32 in the model, float64 in tests)."""
+    stream = (_randn(2, 3, 4, 64, seed=10) * 3).to(dtype)
+    (update,), arguments, _ = _residual_forms(stream.float())["gate and camera, affine norm"]
+    gate, (scale, shift) = arguments["gate"].to(dtype), arguments["camera"]
+    new, _ = fused_residual_quantize(stream, update, **{**arguments, "gate": gate})
+    assert new.dtype == dtype
+    unfused = (stream + gate * update) * (1 + scale.to(dtype)) + shift
+    assert torch.equal(new, unfused)
+    plain, _ = fused_residual_quantize(stream, update, eps=1e-6, mul=arguments["mul"], add=arguments["add"])
+    assert torch.equal(plain, stream + update)
+
+
+@pytest.mark.parametrize("form", ["gate and camera, affine norm", "plain update, modulation"])
+def test_residual_quantize_rows_op_passes_opcheck(form: str) -> None:
+    stream = _randn(2, 3, 4, 64, seed=9)
+    (update,), arguments, _ = _residual_forms(stream)[form]
+    rows = [t.reshape(-1, 64) for t in (stream, update)]
+    gate = arguments.get("gate")
+    camera = [t.reshape(-1, 64) for t in arguments.get("camera", ())] or [None, None]
+    tables = [arguments[name].reshape(-1, 64) for name in ("mul", "add")]
+    op_arguments = (*rows, None if gate is None else gate.reshape(-1, 64), *camera, 1e-6, *tables)
+    torch.library.opcheck(torch.ops.worldgen.residual_quantize_rows.default, op_arguments)
+
+
 def test_fp8_linear_takes_a_quantized_input() -> None:
     """A Quantized input skips the layer's own quantisation: the same codes give the same output."""
     layer = Fp8Linear.from_linear(Linear(64, 48).bfloat16(), use_scaled_mm=False)
@@ -263,12 +357,17 @@ def test_fused_quantize_path_of_the_model_matches_its_unfused_path(monkeypatch: 
         forms.append("gelu" if arguments.get("gelu") else "norm" if "eps" in arguments else "plain")
         return fused_quantize(x, **arguments)
 
+    def counted_residual(*tensors: torch.Tensor, **arguments: object) -> tuple[torch.Tensor, Quantized]:
+        forms.append("residual and camera" if arguments.get("camera") else "residual")
+        return fused_residual_quantize(*tensors, **arguments)
+
     def layer_quantises(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal own_quantisations
         own_quantisations += 1
         return quantize_rows(x)
 
     monkeypatch.setattr(fp8_rows, "fused_quantize", counted)
+    monkeypatch.setattr(fp8_rows, "fused_residual_quantize", counted_residual)
     monkeypatch.setattr(quant_module, "quantize_rows", layer_quantises)
     velocities = {}
     for fused in (False, True):
@@ -277,10 +376,12 @@ def test_fused_quantize_path_of_the_model_matches_its_unfused_path(monkeypatch: 
         velocities[fused] = torch.stack(rollout(model, inputs, 2, 4))
         assert (own_quantisations == 0) == fused
     blocks, chunks, passes = model.config.num_layers, 3, len(TIMESTEPS) + 1
-    # Per block and pass: q/k/v input, cross-attention query input, FFN input (norms); self- and
+    # Per block and pass: the q/k/v input (norm); the cross-attention query input after the self-attention's
+    # residual and the camera, and the FFN input after the cross-attention's residual; the self- and
     # cross-attention outputs (plain); the GELU. Per block and chunk, the camera layers' 3 inputs; per
     # chunk, the control path's 2.
-    assert forms.count("norm") == 3 * blocks * chunks * passes
+    assert forms.count("norm") == blocks * chunks * passes
+    assert forms.count("residual and camera") == forms.count("residual") == blocks * chunks * passes
     assert forms.count("gelu") == blocks * chunks * passes
     assert forms.count("plain") == (2 * passes + 3) * blocks * chunks + 2 * chunks
     exact = torch.stack(rollout(reference, inputs, 2, 4))
@@ -403,3 +504,25 @@ def test_fused_quantize_kernel_matches_the_reference_on_gpu() -> None:
             dequantize_rows(expected_codes, expected_scale),
         )
         assert ((result - expected).abs() <= 2**-3 * expected.abs() + expected_scale * 2**-9).all(), form
+
+
+@cuda_test
+def test_fused_residual_quantize_kernel_matches_the_reference_on_gpu() -> None:
+    """The Triton kernel's residual part against the op's reference ops (on the CPU) at the model's width,
+    batch 2: the new stream to float32 rounding (an FMA may round once where the reference rounds twice),
+    the codes as in the test above."""
+    stream = _randn(2, 3, 1560, 5120, seed=32) * 4 + 1
+    for form, ((update,), arguments, _) in _residual_forms(stream).items():
+
+        def on_gpu(value: object) -> object:
+            if isinstance(value, tuple):
+                return tuple(t.cuda() for t in value)
+            return value.cuda() if isinstance(value, torch.Tensor) else value
+
+        new, (codes, scale) = fused_residual_quantize(
+            stream.cuda(), update.cuda(), **{name: on_gpu(value) for name, value in arguments.items()}
+        )
+        expected_new, (expected_codes, expected_scale) = fused_residual_quantize(stream, update, **arguments)
+        torch.testing.assert_close(new.cpu(), expected_new, rtol=1e-6, atol=1e-5, msg=form)
+        torch.testing.assert_close(scale.cpu(), expected_scale, rtol=1e-5, atol=0, msg=form)
+        assert (codes.cpu().float() != expected_codes.float()).float().mean() < 1e-3, form

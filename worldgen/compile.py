@@ -17,8 +17,8 @@ compilation would not fuse anyway. Everything else in a block is compiled: the n
 gates and residuals, the q/k/v/o, camera and FFN projections (and their fp8 quantisation), cross-attention.
 With the model's `triton_kernels`, the q/k RMSNorm + RoPE move into `attend` as well: one Triton kernel
 each, which writes the keys into the cache (worldgen/models/triton_kernels.py); with fp8 layers, their inputs
-come from the opaque custom op `worldgen::quantize_rows` (worldgen/models/fp8_rows.py), which the graphs
-call as it is (no graph break).
+come from the opaque custom ops `worldgen::quantize_rows` and `worldgen::residual_quantize_rows`
+(worldgen/models/fp8_rows.py), which the graphs call as they are (no graph break).
 
 Graphs to expect, per distinct pass shape (batch, latent frames, latent height x width) and dtype: 4,
 shared by all blocks (the block up to its self-attention; q/k/v, with RoPE unless the Triton kernel does

@@ -30,8 +30,9 @@ Public API (what the generator calls)::
   `model.triton_kernels = True` runs the cached passes' q/k RMSNorm + RoPE as one Triton kernel on CUDA
   that writes the keys straight into the cache, and, with fp8 layers (worldgen/quant.py), quantises each
   fp8 layer's input in one kernel fused with the LayerNorm + modulation, affine LayerNorm or GELU before
-  it (worldgen/models/fp8_rows.py); the model's own ops run elsewhere. `model.gelu_epilogue = True` runs
-  the FFN's bias + GELU in cuBLASLt's GEMM epilogue on CUDA.
+  it, and, before the cross-attention query and the FFN, with the residual update of the stream that
+  precedes those norms (worldgen/models/fp8_rows.py); the model's own ops run elsewhere.
+  `model.gelu_epilogue = True` runs the FFN's bias + GELU in cuBLASLt's GEMM epilogue on CUDA.
 - Oracle path: `model(x, t, y, context, control, attn_mask=visibility_mask(...))` with no cache runs one
   full-sequence forward over all frames given, with per-frame timesteps [B, F].
 
@@ -356,20 +357,26 @@ class DiTBlock(nn.Module):
     ) -> Tensor:
         """x [B, F, S, dim] residual stream; time_mod [B, F, 6, dim] time projection of each frame."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self._modulation(time_mod)
-        attended = self.self_attn(self._attention_input(x, shift_msa, scale_msa, ctx), ctx)
-        x = x + gate_msa * attended.view_as(x)
-        cam_scale, cam_shift = camera
-        x = x * (1 + _upcast(cam_scale)) + cam_shift
+        attended = self.self_attn(self._attention_input(x, shift_msa, scale_msa, ctx), ctx).view_as(x)
         if ctx.quantize_in_kernel:
-            text_query_input = fp8_rows.fused_quantize(
-                x, eps=self.eps, mul=self.norm3.weight, add=self.norm3.bias
-            ).flatten(1, 2)
+            # One kernel: the residual update, the camera modulation, norm3 and the query's quantisation.
+            x, text_query_input = fp8_rows.fused_residual_quantize(
+                x, attended, gate=gate_msa, camera=camera, eps=self.eps, mul=self.norm3.weight,
+                add=self.norm3.bias,
+            )  # fmt: skip
         else:
-            text_query_input = self.norm3(x).flatten(1, 2)
-        x = x + self.cross_attn(text_query_input, text_kv, ctx).view_as(x)
-        hidden = self.ffn(
-            self._modulated_rows(x, shift_mlp, scale_mlp, ctx), ctx.gelu_epilogue, ctx.quantize_in_kernel
-        )
+            cam_scale, cam_shift = camera
+            x = (x + gate_msa * attended) * (1 + _upcast(cam_scale)) + cam_shift
+            text_query_input = self.norm3(x)
+        attended_text = self.cross_attn(text_query_input.flatten(1, 2), text_kv, ctx).view_as(x)
+        if ctx.quantize_in_kernel:  # likewise: the residual update, the FFN's norm + modulation, quantisation
+            x, ffn_input = fp8_rows.fused_residual_quantize(
+                x, attended_text, eps=self.eps, mul=1 + scale_mlp, add=shift_mlp
+            )
+        else:
+            x = x + attended_text
+            ffn_input = _modulate(x, shift_mlp, scale_mlp, self.eps)
+        hidden = self.ffn(ffn_input.flatten(1, 2), ctx.gelu_epilogue, ctx.quantize_in_kernel)
         return x + gate_mlp * hidden.view_as(x)
 
     def write_kv(self, x: Tensor, time_mod: Tensor, ctx: _PassContext) -> None:

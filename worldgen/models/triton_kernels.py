@@ -10,6 +10,9 @@
   (or the affine LayerNorm, or the GELU) before them: one read of each row, where torch.compile's kernels
   read it once per statistic (worldgen/models/fp8_rows.py), and where the camera layers, outside the
   compiled blocks, quantised in five eager kernels.
+- `residual_quantize_rows`: the same, after the residual update of the float32 stream that precedes those
+  norms (and the camera modulation after self-attention), which it writes back: the stream is read once,
+  where torch.compile's update kernel and the quantisation each read it.
 
 The models call them on CUDA only; their own ops are the reference elsewhere, and the GPU tests hold the
 two together (tests/test_dit.py, tests/test_vae.py, tests/test_quant.py). Timings: docs/benchmarks.md.
@@ -178,15 +181,24 @@ def rms_norm_channels(x: Tensor, gamma: Tensor, eps: float, silu: bool) -> Tenso
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr,
+    update_ptr,
+    gate_ptr,
+    camera_scale_ptr,
+    camera_shift_ptr,
+    stream_ptr,
     mul_ptr,
     add_ptr,
     codes_ptr,
     scale_ptr,
     x_row_stride,
+    rows_per_gate_row,
     rows_per_table_row,
     eps,
     WIDTH: tl.constexpr,
     BLOCK: tl.constexpr,  # WIDTH rounded up to a power of two: the whole row sits in registers
+    RESIDUAL: tl.constexpr,  # x += gate * update (then the camera's scale and shift), written to stream
+    GATE: tl.constexpr,
+    CAMERA: tl.constexpr,
     LAYER_NORM: tl.constexpr,
     AFFINE: tl.constexpr,
     GELU: tl.constexpr,
@@ -195,6 +207,16 @@ def _quantize_rows_kernel(
     column = tl.arange(0, BLOCK)
     in_row = column < WIDTH
     x = tl.load(x_ptr + row * x_row_stride + column, mask=in_row, other=0.0).to(tl.float32)
+    if RESIDUAL:  # update, camera and stream rows are contiguous [M, WIDTH]
+        step = tl.load(update_ptr + row * WIDTH + column, mask=in_row, other=0.0).to(tl.float32)
+        if GATE:
+            step *= tl.load(gate_ptr + (row // rows_per_gate_row) * WIDTH + column, mask=in_row, other=0.0)
+        x += step
+        if CAMERA:
+            camera_scale = tl.load(camera_scale_ptr + row * WIDTH + column, mask=in_row, other=0.0)
+            camera_shift = tl.load(camera_shift_ptr + row * WIDTH + column, mask=in_row, other=0.0)
+            x = x * (1.0 + camera_scale.to(tl.float32)) + camera_shift.to(tl.float32)
+        tl.store(stream_ptr + row * WIDTH + column, x, mask=in_row)
     if LAYER_NORM:
         centred = tl.where(in_row, x - tl.sum(x, axis=0) / WIDTH, 0.0)
         x = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / WIDTH + eps)
@@ -222,30 +244,80 @@ def quantize_rows(
     _check_inputs("quantize_rows", x, *(t for t in (mul, add) if t is not None))
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"quantize_rows: x {list(x.shape)} must be [rows, width] with contiguous rows")
+    _, codes, scale = _launch(x, None, None, None, None, eps, mul, add, gelu)
+    return codes, scale
+
+
+def residual_quantize_rows(
+    x: Tensor,
+    update: Tensor,
+    gate: Tensor | None,
+    camera_scale: Tensor | None,
+    camera_shift: Tensor | None,
+    eps: float,
+    mul: Tensor,
+    add: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """new = x + gate * update (then * (1 + camera_scale) + camera_shift), for float32 x [M, K], update and
+    the camera pair [M, K] in a float dtype, gate [R, K] or None; returns new and the codes and scales of
+    LayerNorm(new) * mul + add, as `fp8_rows.fused_residual_quantize` says."""
+    others = (t for t in (update, gate, camera_scale, camera_shift, mul, add) if t is not None)
+    _check_inputs("residual_quantize_rows", x, *others)
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"residual_quantize_rows: x must be a float32 [rows, width] stream, got {x.dtype}")
+    rows = (t.contiguous() for t in (x, update))
+    camera = (None, None) if camera_scale is None else (t.contiguous() for t in (camera_scale, camera_shift))
+    return _launch(*rows, gate, *camera, eps, mul, add, False)
+
+
+def _launch(
+    x: Tensor,
+    update: Tensor | None,
+    gate: Tensor | None,
+    camera_scale: Tensor | None,
+    camera_shift: Tensor | None,
+    eps: float | None,
+    mul: Tensor | None,
+    add: Tensor | None,
+    gelu: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """One program per row of x [M, K]; the residual part when `update` is given (the stream is then
+    returned first). Tables go in as contiguous float32; an absent tensor's pointer is x, never read."""
     rows, width = x.shape
     codes = x.new_empty((rows, width), dtype=E4M3)
     scale = x.new_empty((rows, 1), dtype=torch.float32)
+    stream = None if update is None else torch.empty_like(x)
+    gate_table = x if gate is None else gate.float().contiguous()
     affine = mul is not None and add is not None
-    mul, add = (t.float().contiguous() for t in (mul, add)) if affine else (x, x)  # unread without AFFINE
+    mul, add = (t.float().contiguous() for t in (mul, add)) if affine else (x, x)
     block = triton.next_power_of_2(width)
     with torch.cuda.device(x.device):  # Triton launches on the current device
         _quantize_rows_kernel[(rows,)](
             x,
+            x if update is None else update,
+            gate_table,
+            x if camera_scale is None else camera_scale,
+            x if camera_shift is None else camera_shift,
+            x if stream is None else stream,
             mul,
             add,
             codes,
             scale,
             x.stride(0),
+            rows // gate_table.shape[0] if gate is not None else 1,
             rows // mul.shape[0] if affine else 1,
             0.0 if eps is None else eps,
             WIDTH=width,
             BLOCK=block,
+            RESIDUAL=update is not None,
+            GATE=gate is not None,
+            CAMERA=camera_scale is not None,
             LAYER_NORM=eps is not None,
             AFFINE=affine,
             GELU=gelu,
             num_warps=_QUANTIZE_WARPS if block <= 8192 else 2 * _QUANTIZE_WARPS,
         )
-    return codes, scale
+    return stream, codes, scale
 
 
 def _check_inputs(kernel: str, x: Tensor, *others: Tensor) -> None:
