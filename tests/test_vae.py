@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from helpers import cuda_test, relative_error
 from torch.overrides import TorchFunctionMode
 
 from worldgen.config import VAEConfig, get_preset
-from worldgen.models.vae import RMSNorm, WanVAE, to_uint8_frames
+from worldgen.models.vae import (
+    CausalConv3d,
+    FeatureCache,
+    NearestUpsample2x,
+    RMSNorm,
+    WanVAE,
+    to_uint8_frames,
+)
 
 TINY = get_preset("tiny").vae
 LATENT_FRAMES = 4  # chunks of 1, 2, 3 split it as 1+1+1+1, 2+2, 3+1
@@ -100,17 +108,19 @@ def test_one_stream_can_be_restarted(vae: WanVAE) -> None:
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
 
-class _Conv3dLayouts(TorchFunctionMode):
-    """Notes, for every 3-D convolution run, whether its input and weight are both channels_last_3d."""
+class _ConvLayouts(TorchFunctionMode):
+    """Notes every 3-D and 2-D convolution run: its kind, and whether its input and weight are both
+    channels-last (channels_last_3d for a 3-D one)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.channels_last: list[bool] = []
+        self.calls: list[tuple[str, bool]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.conv3d:
-            layout = torch.channels_last_3d
-            self.channels_last.append(all(t.is_contiguous(memory_format=layout) for t in args[:2]))
+        kinds = {torch.conv3d: ("conv3d", torch.channels_last_3d), F.conv2d: ("conv2d", torch.channels_last)}
+        if func in kinds:
+            kind, layout = kinds[func]
+            self.calls.append((kind, all(t.is_contiguous(memory_format=layout) for t in args[:2])))
         return func(*args, **(kwargs or {}))
 
 
@@ -136,6 +146,22 @@ def test_channels_last_rms_norm_is_the_checkpoints_normalize(
     fused = norm(x)
     assert fused.is_contiguous(memory_format=layout)
     torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
+
+
+@cuda_test
+def test_causal_conv_taps_on_gpu_stay_within_bf16_rounding() -> None:
+    """cuDNN's 2-D taps in bf16 at the decoder's full-resolution width (96 channels) against the float32
+    Conv3d: a relative L2 error of a few bf16 roundings (measured 0.0036 at 480 x 832 in the probe)."""
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    conv3d = CausalConv3d(96, 96, 3, padding=1).cuda()
+    conv3d.set_channels_last(False)
+    taps = copy.deepcopy(conv3d).bfloat16()
+    taps.set_channels_last(True)
+    video = torch.randn(1, 96, 6, 24, 40, device="cuda", generator=generator)
+    exact = conv3d(video, FeatureCache())
+    result = taps(video.bfloat16().contiguous(memory_format=torch.channels_last_3d), FeatureCache())
+    assert result.dtype == torch.bfloat16 and result.is_contiguous(memory_format=torch.channels_last_3d)
+    assert relative_error(result.float(), exact) < 0.01
 
 
 @cuda_test
@@ -191,18 +217,84 @@ def test_triton_norms_match_the_channels_last_norm(monkeypatch: pytest.MonkeyPat
 
 
 def test_channels_last_path_equals_plain_path() -> None:
+    """The fast path (channels-last; causal convolutions as 2-D taps, the encoder's temporally strided ones
+    as Conv3d) equals the plain path (every convolution NC(D)HW, each causal one a Conv3d) in float64."""
     latents, video = _latents(), _video()
     outputs = {}
+    calls = {}
     for channels_last in (True, False):
         model = _random_vae(channels_last=channels_last)
-        with _Conv3dLayouts() as layouts:
+        with _ConvLayouts() as layouts:
             outputs[channels_last] = (model.encode(video), model.decode(latents))
-        assert layouts.channels_last, "no Conv3d ran"
-        # Every Conv3d sees channels_last_3d input and weight on the fast path, neither on the plain one
-        # (every conv here has several channels and pixels, so the two layouts cannot coincide).
-        assert all(layouts.channels_last) if channels_last else not any(layouts.channels_last)
+        calls[channels_last] = layouts.calls
+    # Every convolution sees channels-last input and weight on the fast path; no Conv3d on the plain one
+    # (each has several channels and pixels, so the two layouts cannot coincide; a 1x1 Conv2d's can).
+    assert all(fast for _, fast in calls[True])
+    assert not any(fast for kind, fast in calls[False] if kind == "conv3d")
+    strided = sum(isinstance(m, CausalConv3d) and m.stride[0] > 1 for m in model.modules())
+    assert strided and [kind for kind, _ in calls[True]].count("conv3d") == strided
     for fast, plain in zip(outputs[True], outputs[False], strict=True):
         torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+
+
+def _causal_conv_pair(kernel: tuple[int, int, int]) -> dict[bool, CausalConv3d]:
+    """The same float64 layer as 2-D taps (True: channels-last, the default) and as one Conv3d (False)."""
+    torch.manual_seed(3)
+    taps = CausalConv3d(4, 6, kernel, padding=tuple(size // 2 for size in kernel)).double()
+    conv3d = copy.deepcopy(taps)
+    conv3d.set_channels_last(False)
+    assert taps.runs_as_taps and not conv3d.runs_as_taps
+    assert taps.weight[:, :, 0].is_contiguous(memory_format=torch.channels_last)  # tap-major
+    return {True: taps, False: conv3d}
+
+
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1), (1, 1, 1)])
+def test_causal_conv_taps_equal_conv3d_across_a_stream(kernel: tuple[int, int, int]) -> None:
+    """Each temporal tap as a 2-D convolution over two chunks of a stream, batch 2 (the tap's frames are
+    then copied, in NHWC), against the same layer as one Conv3d."""
+    layers = _causal_conv_pair(kernel)
+    video = torch.randn(2, 4, 5, 6, 8, dtype=torch.float64)
+    outputs = {}
+    for taps, layer in layers.items():
+        cache = FeatureCache()
+        with _ConvLayouts() as layouts:
+            outputs[taps] = torch.cat([layer(video[:, :, :2], cache), layer(video[:, :, 2:], cache)], dim=2)
+        if taps:
+            assert layouts.calls == [("conv2d", True)] * 2 * kernel[0]
+    assert outputs[True].is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-12, atol=1e-12)
+
+
+def test_causal_conv_from_a_one_frame_start_keeps_its_layout_and_values() -> None:
+    """A stream that starts with one frame: [B, C, 1, H, W] is both channels-last and contiguous, and the
+    padded input PyTorch would build from it is contiguous. The cached tail must still be channels-last,
+    or every later chunk would carry the wrong layout (and re-lay out every convolution's input); the
+    values are the Conv3d's."""
+    layers = _causal_conv_pair((3, 3, 3))
+    caches = {taps: FeatureCache() for taps in layers}
+    for frames in (1, 3, 3):
+        video = torch.randn(1, 4, frames, 5, 6, dtype=torch.float64)
+        out = layers[True](video.contiguous(memory_format=torch.channels_last_3d), caches[True])
+        tail = caches[True].get(layers[True])
+        assert tail is not None and tail.shape[2] == 2
+        assert tail.is_contiguous(memory_format=torch.channels_last_3d) and not tail.is_contiguous()
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(out, layers[False](video, caches[False]), rtol=1e-12, atol=1e-12)
+
+
+def test_causal_conv_refuses_fewer_frames_than_its_kernel() -> None:
+    layer = CausalConv3d(4, 6, (3, 1, 1))  # no temporal padding: 3 frames in, 1 out
+    with pytest.raises(ValueError, match=r"2 frames \(cached ones included\) for a temporal kernel of 3"):
+        layer(torch.randn(1, 4, 2, 5, 6), FeatureCache())
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_nearest_upsample_is_the_checkpoints_nearest_exact(layout: torch.memory_format) -> None:
+    images = torch.randn(2, 5, 3, 4).contiguous(memory_format=layout)
+    doubled = NearestUpsample2x()(images)
+    assert doubled.is_contiguous(memory_format=layout)
+    expected = torch.nn.Upsample(scale_factor=2.0, mode="nearest-exact")(images)
+    torch.testing.assert_close(doubled, expected, rtol=0, atol=0)
 
 
 def test_bfloat16_option_tracks_float32() -> None:
@@ -235,7 +327,7 @@ def test_assign_load_onto_meta_model_restores_layout_and_statistics() -> None:
         model = WanVAE(TINY)
     model.load_state_dict(weights, assign=True)
     # Loaded tensors replace the parameters: the post-load hook puts them back in channels-last layout once.
-    assert model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert model.encoder.conv1.weight[:, :, 0].is_contiguous(memory_format=torch.channels_last)  # tap-major
     assert model.latent_std.device.type == "cpu"
     torch.testing.assert_close(model.latent_std.flatten(), torch.tensor(TINY.latent_std))
     assert model.decode(_latents(torch.float32)).isfinite().all()

@@ -35,7 +35,9 @@ def test_bfloat16_copy_tracks_float32_and_leaves_the_original() -> None:
     # The (de)normalisation stays float32 around the bf16 network: latents come out in float32.
     assert bf16.latent_mean.dtype == bf16.latent_std.dtype == torch.float32
     torch.testing.assert_close(bf16.latent_std, model.latent_std, rtol=0, atol=0)
-    assert bf16.decoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)  # layout kept
+    # Layout kept: the causal convolutions' tap-major weights (each temporal slice dense channels-last).
+    assert bf16.decoder.conv1.weight.stride() == model.decoder.conv1.weight.stride()
+    assert bf16.decoder.conv1.weight[:, :, 0].is_contiguous(memory_format=torch.channels_last)
     model.set_triton_norms(True)  # and the norms' kernel choice (it matters on CUDA only)
     assert model.converted(torch.bfloat16).decoder.head[0].triton and not bf16.decoder.head[0].triton
     model.set_triton_norms(False)

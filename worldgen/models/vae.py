@@ -8,8 +8,10 @@ one-shot call is simply a stream of one chunk, and a stream gives the same resul
 Time layout (temporal stride s = 4 for Wan2.1): the stream's first video frame is encoded alone, later frames
 in groups of s, one latent frame each; in decode the first latent frame gives 1 video frame, later ones s.
 
-Memory layout: convolutions run channels-last (channels_last_3d for Conv3d), the layout cuDNN's fast kernels
-use; NCDHW input would make it transpose on every call. `set_channels_last(False)` gives the plain path.
+Memory layout: convolutions run channels-last, the layout cuDNN's fast kernels use; NCDHW input would make it
+transpose on every call. On this fast path a causal Conv3d with temporal stride 1 runs as one 2-D convolution
+per temporal tap (`CausalConv3d`), and nearest upsampling as a broadcast copy (`NearestUpsample2x`).
+`set_channels_last(False)` gives the plain path: NCDHW Conv3d and `F.interpolate`.
 
 Precision: the network runs in the dtype of its weights (float32 as released, bfloat16 for speed and memory,
 float64 in tests); the latent (de)normalisation around it runs in float32 (float64 for a float64 VAE), so
@@ -41,9 +43,11 @@ class FeatureCache:
     def get(self, layer: nn.Module) -> Tensor | None:
         return self._tails.get(layer)
 
-    def put(self, layer: nn.Module, tail: Tensor) -> None:
+    def put(
+        self, layer: nn.Module, tail: Tensor, memory_format: torch.memory_format = torch.preserve_format
+    ) -> None:
         # A clone, so the cache does not keep the whole chunk's activation alive through a view.
-        self._tails[layer] = tail.clone()
+        self._tails[layer] = tail.clone(memory_format=memory_format)
 
     def first_call(self, layer: nn.Module) -> bool:
         """True the first time `layer` asks in this stream (it then sees the stream's first frame)."""
@@ -53,7 +57,18 @@ class FeatureCache:
 
 
 class CausalConv3d(nn.Conv3d):
-    """Conv3d padded in time only in front: with zeros at the stream's start, then with the cached frames."""
+    """Conv3d padded in time only in front: with zeros at the stream's start, then with the cached frames.
+
+    With channels-last layout (the fast path, the default; `set_channels_last`) and temporal stride 1, it
+    runs as one 2-D convolution per temporal tap, over the frames that tap reads, summed in place. On an
+    H200 cuDNN ran the decoder's 3-D convolutions of 96 channels with sm80 kernels at about 250 TFLOP/s,
+    and PyTorch adds a 3-D convolution's bias in a separate non-vectorised pass over the output (16 ms of a
+    chunk's decode); the 2-D path has Hopper kernels and adds the bias inside the convolution
+    (docs/benchmarks.md, eighth round). Summing the taps rounds each partial sum to the VAE's dtype: in
+    bf16 about three times the rounding of one convolution (relative L2 0.0036 against 0.0012 on random
+    data); in float64 it equals the Conv3d to rounding. The weight is then laid out tap-major, so each
+    tap's slice is a dense channels-last kernel that needs no copy.
+    """
 
     def __init__(
         self,
@@ -66,14 +81,64 @@ class CausalConv3d(nn.Conv3d):
         pad_t, pad_h, pad_w = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(in_dim, out_dim, kernel_size, stride, padding=(0, pad_h, pad_w))
         self.front_frames = 2 * pad_t
-        self.memory_format = torch.channels_last_3d
+        self.set_channels_last(True)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """The fast layout (channels-last input; a tap-major weight where the layer runs as taps, else a
+        channels_last_3d one) or the plain one (NCDHW input and weight, one Conv3d)."""
+        self.memory_format = torch.channels_last_3d if enabled else torch.contiguous_format
+        weight = self.weight.data
+        if self.runs_as_taps:  # each temporal tap's slice [out, in, kh, kw]: a dense channels-last kernel
+            self.weight.data = weight.permute(2, 0, 3, 4, 1).contiguous().permute(1, 4, 0, 2, 3)
+        else:
+            self.weight.data = weight.contiguous(memory_format=self.memory_format)
+
+    @property
+    def runs_as_taps(self) -> bool:
+        """Whether this layer runs as 2-D convolutions per temporal tap: channels-last, temporal stride 1."""
+        return self.memory_format == torch.channels_last_3d and self.stride[0] == 1
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
-        if self.front_frames:
-            tail = cache.get(self)
-            x = F.pad(x, (0, 0, 0, 0, self.front_frames, 0)) if tail is None else torch.cat([tail, x], dim=2)
-            cache.put(self, x[:, :, -self.front_frames :])
-        return super().forward(x.contiguous(memory_format=self.memory_format))
+        x = self._with_front_frames(x, cache) if self.front_frames else x
+        x = x.contiguous(memory_format=self.memory_format)
+        return self._taps(x) if self.runs_as_taps else super().forward(x)
+
+    def _with_front_frames(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        """x [B, C, T, H, W] after the frames this layer needs in front (the cached tail, or zeros at the
+        stream's start), in the layer's memory format; the new tail goes into the cache in that format too.
+        Explicitly: with one frame, [B, C, 1, H, W] is both channels-last and contiguous, and padding or
+        concatenating it lets PyTorch pick the contiguous format, which a cached tail would then carry
+        into every later chunk (each convolution re-laying out its input: 255 against about 125 ms per
+        chunk decode on an H200 when a stream starts with one latent frame)."""
+        batch, channels, frames, height, width = x.shape
+        front = self.front_frames
+        shape = (batch, channels, front + frames, height, width)
+        padded = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=self.memory_format)
+        tail = cache.get(self)
+        padded[:, :, :front] = 0 if tail is None else tail
+        padded[:, :, front:] = x
+        cache.put(self, padded[:, :, -front:], self.memory_format)
+        return padded
+
+    def _taps(self, x: Tensor) -> Tensor:
+        """out[t] = sum over taps k of conv2d(x[t + k], weight[:, :, k]), x [B, C, T, H, W] channels-last."""
+        frames = x.transpose(1, 2)  # [B, T, C, H, W]: each frame an NHWC image
+        out_frames = frames.shape[1] - self.kernel_size[0] + 1
+        if out_frames < 1:
+            raise ValueError(
+                f"CausalConv3d: {frames.shape[1]} frames (cached ones included) for a temporal kernel of "
+                f"{self.kernel_size[0]}"
+            )
+
+        def tap(k: int, bias: Tensor | None) -> Tensor:
+            # The tap's frames as NHWC images [B * T', C, H, W]: a view for batch 1, else one copy in NHWC.
+            images = frames[:, k : k + out_frames].movedim(2, -1).flatten(0, 1).movedim(-1, 1)
+            return F.conv2d(images, self.weight[:, :, k], bias, self.stride[1:], self.padding[1:])
+
+        out = tap(0, self.bias)
+        for k in range(1, self.kernel_size[0]):
+            out.add_(tap(k, None))
+        return _images_to_frames(out, x.shape[0])
 
 
 class RMSNorm(nn.Module):
@@ -159,6 +224,21 @@ class AttentionBlock(nn.Module):
         return x + _images_to_frames(self.proj(out), batch)
 
 
+class NearestUpsample2x(nn.Module):
+    """Nearest-neighbour 2x upsampling of images [N, C, H, W] (the checkpoint's "nearest-exact", which at
+    scale 2 repeats each pixel twice in each direction). A channels-last input is expanded and copied in
+    one broadcast copy that keeps its layout: 2.1 to 2.2x faster than `F.interpolate`'s NHWC kernel on an
+    H200 at the decoder's shapes, and bit-identical. Other layouts (the plain path) take `F.interpolate`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+        batch, channels, height, width = x.shape
+        pixels = x.permute(0, 2, 3, 1)[:, :, None, :, None]  # [N, H, 1, W, 1, C]
+        doubled = pixels.expand(batch, height, 2, width, 2, channels)
+        return doubled.reshape(batch, 2 * height, 2 * width, channels).permute(0, 3, 1, 2)
+
+
 class Resample(nn.Module):
     """2x spatial up/downsampling per frame, plus 2x in time for the "3d" modes."""
 
@@ -167,9 +247,7 @@ class Resample(nn.Module):
         self.mode = mode
         self.time_conv: CausalConv3d | None = None
         if mode.startswith("upsample"):
-            self.resample = nn.Sequential(
-                nn.Upsample(scale_factor=2.0, mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
-            )
+            self.resample = nn.Sequential(NearestUpsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
             if mode == "upsample3d":
                 self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         else:
@@ -352,12 +430,12 @@ class WanVAE(nn.Module):
         """Channels-last weights and Conv3d inputs (the fast cuDNN path) or plain NC(D)HW (for comparison)."""
         self.channels_last = enabled
         for module in self.modules():
-            if isinstance(module, nn.Conv3d | nn.Conv2d):
+            if isinstance(module, CausalConv3d):
+                module.set_channels_last(enabled)
+            elif isinstance(module, nn.Conv3d | nn.Conv2d):
                 fast = torch.channels_last_3d if isinstance(module, nn.Conv3d) else torch.channels_last
                 layout = fast if enabled else torch.contiguous_format
                 module.weight.data = module.weight.data.contiguous(memory_format=layout)
-                if isinstance(module, CausalConv3d):
-                    module.memory_format = layout
             elif isinstance(module, RMSNorm):
                 module.channels_last = enabled
 
