@@ -42,6 +42,8 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_ray import RayTaskRunner
 
+from flows import free_port
+
 
 def prefect_api_problem(url: str | None) -> str | None:
     """Why this process cannot report to the Prefect API at `url`, or None when the API answers."""
@@ -54,12 +56,6 @@ def prefect_api_problem(url: str | None) -> str | None:
         return None  # the server answered (it may want an API key): it is reachable
     except (OSError, ValueError) as error:
         return f"the Prefect API at {url} does not answer ({error})"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -17,7 +17,8 @@ import torch
 from helpers import job_row
 from test_flows import statuses, write_manifest
 
-from flows.ray_runner import RayActorTaskRunner, free_port, prefect_api_problem, ray_head
+from flows import free_port
+from flows.ray_runner import RayActorTaskRunner, prefect_api_problem, ray_head
 from flows.render import render_manifest
 from worldgen.render import TIMINGS, VIDEO
 
