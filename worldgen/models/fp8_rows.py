@@ -163,10 +163,16 @@ def _check_table(x: Tensor, table: Tensor, name: str, op: str) -> None:
 
 
 def _check_residual(
-    x: Tensor, update: Tensor, gate: Tensor | None, camera_scale: Tensor | None, camera_shift: Tensor | None
+    x: Tensor,
+    update: Tensor,
+    gate: Tensor | None,
+    camera_scale: Tensor | None,
+    camera_shift: Tensor | None,
+    mul: Tensor,
+    add: Tensor,
 ) -> None:
-    """What the residual op needs beyond `_check_rows`: a float32 (or float64) stream x [M, K]; update (and
-    the camera pair, both or neither) of x's shape and device; gate an [R, K] table, R dividing M."""
+    """What the residual op needs: a float32 (or float64) stream x [M, K]; update (and the camera pair, both
+    or neither) of x's shape and device; gate an [R, K] table, R dividing M; mul and add as `_check_rows`."""
     op = "residual_quantize_rows"
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{op}: the stream x must be float32 (or float64), got {x.dtype}")
@@ -180,6 +186,7 @@ def _check_residual(
         )
     if gate is not None:
         _check_table(x, gate, "gate", op)
+    _check_rows(x, mul, add, op)
 
 
 def _table_rows(rows: Tensor, table: Tensor) -> Tensor:
@@ -238,8 +245,7 @@ def _residual_quantize_rows_op(
     """The reference: new = x + gate * update (gate table [R, K] or None for 1), then
     new * (1 + camera_scale) + camera_shift if given, in x's dtype (float32 or float64); returns new and
     the quantised LayerNorm(new) * mul + add, as `worldgen::quantize_rows` does."""
-    _check_residual(x, update, gate, camera_scale, camera_shift)
-    _check_rows(x, mul, add, "residual_quantize_rows")
+    _check_residual(x, update, gate, camera_scale, camera_shift, mul, add)
     step = update.to(x.dtype)
     new = x + (step if gate is None else _table_rows(x, gate.to(x.dtype)) * step)
     if camera_scale is not None and camera_shift is not None:
@@ -259,8 +265,7 @@ def _residual_quantize_rows_cuda(
     mul: Tensor,
     add: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_residual(x, update, gate, camera_scale, camera_shift)
-    _check_rows(x, mul, add, "residual_quantize_rows")
+    _check_residual(x, update, gate, camera_scale, camera_shift, mul, add)
     from worldgen.models.triton_kernels import residual_quantize_rows as kernel  # Triton: where it runs
 
     return kernel(x, update, gate, camera_scale, camera_shift, eps, mul, add)
