@@ -197,10 +197,11 @@ def render_manifest(
     dtype: str | None = None,
     vae_dtype: str | None = None,
     attention: str = "auto",
-    compile: bool = False,
+    compile: bool | None = None,
     fp8: bool = False,
-    triton_kernels: bool = False,
-    gelu_epilogue: bool = False,
+    fp8_fast_accum: bool = True,
+    triton_kernels: bool | None = None,
+    gelu_epilogue: bool | None = None,
     overlap: bool = False,
     write_video: bool = True,
     runner: str = "local",
@@ -211,7 +212,8 @@ def render_manifest(
 
     runner="ray" renders on the Ray cluster at `ray_address` ("auto", "ray://HOST:10001", "HOST:PORT", or
     None to start a local one), one job at a time per worker of `gpus_per_job` GPUs (default: 1 on CUDA,
-    0 on CPU); PREFECT_API_URL must name a Prefect server that every Ray node reaches.
+    0 on CPU); PREFECT_API_URL must name a Prefect server that every Ray node reaches. `compile`,
+    `triton_kernels` and `gelu_epilogue` left None are on for a bf16 model on CUDA (EngineSettings).
     """
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
@@ -224,6 +226,7 @@ def render_manifest(
         attention=attention,
         compile=compile,
         fp8=fp8,
+        fp8_fast_accum=fp8_fast_accum,
         triton_kernels=triton_kernels,
         gelu_epilogue=gelu_epilogue,
         overlap=overlap,

@@ -1,7 +1,7 @@
 """Batch throughput against GPU count: the same manifest rendered through the Ray runner on 1, 2, ... GPUs.
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.scaleout --gpus 1 2 --out OUT \
-        --compile --fp8 --attention fp8 --triton-kernels --no-write-video
+        --fp8 --attention fp8 --no-write-video
 
 It writes one synthetic manifest of `--jobs` jobs (8 by default) with the benchmark's image and camera path
 (worldgen/bench.py) at the benchmark's geometry (832x480, chunk 3, window 21, sink 3), `--frame-num` frames
@@ -16,7 +16,7 @@ It renders a preset (random weights); a model folder is refused.
 
 Per GPU count, OUT/scaleout.json (rewritten after each count) and the printed table give:
 - `render_seconds`: from the first render's start to the last one's end, and `jobs_per_hour` over it. Each
-  worker's first job includes compiling the blocks for the job's shape (with `--compile`).
+  worker's first job includes compiling the blocks for the job's shape (on CUDA by default).
   `flow_seconds` is all of it: the Ray cluster's start, the workers' model loads, the prompt embedding.
 - `steady_jobs_per_hour`: the jobs after each worker's first, over the time from that first job's end to the
   worker's last, summed over workers; none unless each of the K workers rendered at least two jobs.

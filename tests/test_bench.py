@@ -15,6 +15,8 @@ from helpers import tiny_pass_inputs, two_chunk_cache
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import worldgen.bench as bench_module
+import worldgen.quant as quant_module
 from worldgen.bench import (
     BenchSettings,
     bench_generator,
@@ -38,7 +40,7 @@ from worldgen.floor import (
 )
 from worldgen.models.attention import attention
 from worldgen.models.random_init import random_dit, random_vae
-from worldgen.quant import Fp8Linear, quantize_dit
+from worldgen.quant import Fp8Linear, quantize_dit, scaled_mm_emulated
 from worldgen.timing import read_timings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +62,8 @@ PATH_KEYS = {
     "engine", "timings", "create_runtime_seconds", "chunks", "warmup_skipped", "steady_chunks",
     "passes_per_chunk", "stages", "frames_per_second", "dit_seconds_per_chunk", "tflop_per_chunk",
     "tflop_per_chunk_by_category", "tflop_per_pass_by_category", "achieved_tflops",
-    "floor_seconds_per_chunk", "floor_fraction", "peak_memory_bytes", "sync_check", "profile", "per_chunk",
+    "floor_seconds_per_chunk", "floor_fraction", "peak_memory_bytes", "energy_joules_per_chunk",
+    "mean_power_watts", "sync_check", "profile", "per_chunk",
 }  # fmt: skip
 
 
@@ -189,14 +192,27 @@ def test_fp8_matmuls_are_the_layers_fp8_quantises() -> None:
     assert counted == quantised
 
 
-def test_kernel_clock_times_quantisable_matmuls_as_fp8_layers() -> None:
-    clock = KernelClock(torch.device("cpu"), torch.bfloat16, calls=1)
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_kernel_clock_times_quantisable_matmuls_as_fp8_layers(
+    fast_accum: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accumulations = []
+
+    def emulated(*args: torch.Tensor | None, fast_accum: bool) -> torch.Tensor:
+        accumulations.append(fast_accum)
+        return scaled_mm_emulated(*args, fast_accum=fast_accum)
+
+    monkeypatch.setattr(quant_module, "scaled_mm_emulated", emulated)
+    clock = KernelClock(torch.device("cpu"), torch.bfloat16, calls=1, fp8_fast_accum=fast_accum)
     quantisable, kept = Matmul("linear", 8, 16, 32, fp8=True), Matmul("linear", 8, 16, 32)
     for op in (quantisable, kept):
         for fp8 in (False, True):
             assert clock.seconds(op, "auto", fp8) > 0
     # The bf16 and fp8 timings of the quantisable shape; the kept layer reuses the bf16 one under --fp8.
-    assert [(m["m"], m["fp8"]) for m in clock.to_dict()["matmul"]] == [(8, False), (8, True)]
+    # The fp8 one ran, and is reported, with the clock's accumulation.
+    matmuls = [(m["m"], m["fp8"], m["fast_accum"]) for m in clock.to_dict()["matmul"]]
+    assert matmuls == [(8, False, False), (8, True, fast_accum)]
+    assert accumulations and set(accumulations) == {fast_accum}
     assert clock.seconds(kept, "auto", fp8=True) == clock.seconds(quantisable, "auto")
 
 
@@ -314,6 +330,8 @@ def test_bench_end_to_end_on_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             path["floor_seconds_per_chunk"] / path["dit_seconds_per_chunk"]
         )
         assert path["peak_memory_bytes"] is None  # a CPU keeps no peak
+        assert path["energy_joules_per_chunk"] is path["mean_power_watts"] is None  # nor an energy counter
+        assert [c["energy_joules"] for c in path["per_chunk"]] == [None, None]
         assert path["sync_check"] == {"enabled": False, "chunk_index": None, "held": None}
         assert path["profile"]["chunk_index"] == 2 and Path(path["profile"]["trace"]).is_file()
         assert {f["family"] for f in path["profile"]["families"]} >= {"matmul", "attention", "conv"}
@@ -376,11 +394,40 @@ def test_bench_with_overlap_times_every_chunk_and_refuses_the_sync_check(tmp_pat
     assert fast["profile"]["chunk_index"] == 3  # chunk 2 was generated ahead by the pipeline
 
 
+def test_bench_reports_energy_per_chunk_from_the_meter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each chunk's joules are the counter's rise over it (a stand-in counter that rises 7 J per read);
+    the mean over the steady chunks, and their joules over their seconds as the mean power."""
+    counter = iter(range(0, 10_000, 7))
+    monkeypatch.setattr(bench_module, "energy_meter", lambda device: lambda: float(next(counter)))
+    summary = run_bench(BenchSettings(out=tmp_path, **TINY_SETTINGS, chunks=3, sync_check=False))
+    fast = summary["paths"]["fast"]
+    assert [c["energy_joules"] for c in fast["per_chunk"]] == [7.0, 7.0, 7.0]
+    steady_seconds = sum(c["seconds"] for c in fast["per_chunk"][1:])
+    assert fast["energy_joules_per_chunk"] == 7.0
+    assert fast["mean_power_watts"] == pytest.approx(14.0 / steady_seconds)
+    assert steady_seconds == pytest.approx(2 * fast["stages"]["generate_next_chunk"]["mean"])
+
+
 def test_bench_reports_the_fp8_latent_error_against_bf16(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    args = [*TINY_ARGS, "--dtype", "bfloat16", "--chunks", "2", "--fp8", "--out", str(out)]
+    args = [
+        *TINY_ARGS,
+        "--dtype",
+        "bfloat16",
+        "--chunks",
+        "2",
+        "--fp8",
+        "--no-fp8-fast-accum",
+        "--out",
+        str(out),
+    ]
     assert main(["bench", *args]) == 0
     summary = json.loads((out / "bench.json").read_text())
     errors = summary["fp8_latent_error"]
     assert len(errors) == 3 and all(0 < error < 0.5 for error in errors)
-    assert summary["paths"]["fast"]["engine"]["fp8"]
+    engine = summary["paths"]["fast"]["engine"]
+    assert engine["fp8"] and engine["fp8_fast_accum"] is False
+    fp8_matmuls = [m for m in summary["kernels"]["matmul"] if m["fp8"]]
+    assert fp8_matmuls and not any(m["fast_accum"] for m in fp8_matmuls)

@@ -24,6 +24,7 @@ from worldgen.generator import (
     generator_loads,
     shared_generator,
 )
+from worldgen.quant import Fp8Linear
 from worldgen.render import MARKER, PROMPT_CACHE, TIMINGS, VIDEO, finished_result, render_job
 from worldgen.timing import TIMING_SCHEMA, read_timings, summarize
 
@@ -212,6 +213,23 @@ def test_unknown_models_are_named():
         ChunkedGenerator(EngineSettings(model="no-such-model"))
 
 
+def test_fast_path_switches_default_on_for_bf16_on_cuda():
+    """Unset, compile and the fused kernels are on where they serve (a bf16 model on CUDA), off on a CPU, in
+    float32 and on the plain path; the GELU epilogue stays off with fp8 layers. Given, a switch is kept."""
+    switches = ("compile", "triton_kernels", "gelu_epilogue")
+
+    def resolved(**fields: object) -> tuple[bool, ...]:
+        settings = EngineSettings(**fields).resolved()
+        return tuple(getattr(settings, name) for name in switches)
+
+    assert resolved(device="cuda") == (True, True, True)
+    assert resolved(device="cuda", fp8=True) == (True, True, False)
+    assert resolved() == resolved(device="cuda", dtype="float32") == (False, False, False)
+    assert resolved(device="cuda", plain=True, vae_dtype="float32") == (False, False, False)
+    assert resolved(device="cuda", compile=False, gelu_epilogue=False) == (False, True, False)
+    assert resolved(dtype="bfloat16", compile=True) == (True, False, False)
+
+
 def test_fast_path_switches_are_checked_and_recorded(tmp_path):
     with pytest.raises(ValueError, match="fp8 layers run in a bfloat16 model"):
         EngineSettings(fp8=True).resolved()  # a CPU defaults to float32
@@ -225,7 +243,9 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
     if not torch.cuda.is_available():  # a CUDA device that is not there has no FlashAttention-3
         assert EngineSettings(device="cuda", attention="fp8").resolved().dtype == "bfloat16"  # no GPU asked
         with pytest.raises(ValueError, match=r"'fp8' runs FlashAttention-3 \(pip install 'worldgen\[fa3\]"):
-            ChunkedGenerator(EngineSettings(device="cuda", attention="fp8"))
+            ChunkedGenerator(
+                EngineSettings(device="cuda", attention="fp8", compile=False, triton_kernels=False)
+            )
     with pytest.raises(ValueError, match="unknown attention backend 'fa2'"):
         EngineSettings(attention="fa2").resolved()
     with pytest.raises(ValueError, match="gelu_epilogue: CUDA kernels, but the device is cpu"):
@@ -233,15 +253,25 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
     with pytest.raises(ValueError, match="gelu_epilogue is for the bf16 FFN; with fp8 layers leave it off"):
         EngineSettings(device="cuda", fp8=True, gelu_epilogue=True).resolved()
     if importlib.util.find_spec("triton") is None:  # a CPU wheel of torch: refused before any model loads
-        with pytest.raises(ValueError, match="triton_kernels needs the triton package"):
-            ChunkedGenerator(EngineSettings(device="cuda", triton_kernels=True))
+        # The CUDA defaults need triton; the error says how to run without.
+        with pytest.raises(
+            ValueError,
+            match=r"compile and triton_kernels on CUDA need the triton package.*"
+            "turn them off: --no-compile --no-triton-kernels",
+        ):
+            ChunkedGenerator(EngineSettings(device="cuda"))
+        with pytest.raises(ValueError, match=r"^triton_kernels on CUDA need .* --no-triton-kernels$"):
+            ChunkedGenerator(EngineSettings(device="cuda", compile=False))
     with pytest.raises(ValueError, match="no fused kernels"):
         EngineSettings(device="cuda", plain=True, gelu_epilogue=True).resolved()
-    fp8 = ChunkedGenerator(EngineSettings(model="tiny", dtype="bfloat16", fp8=True))
+    fp8 = ChunkedGenerator(EngineSettings(model="tiny", dtype="bfloat16", fp8=True, fp8_fast_accum=False))
+    layers = [module for module in fp8.dit.modules() if isinstance(module, Fp8Linear)]
+    assert layers and not any(layer.fast_accum for layer in layers)
     result = render_job(fp8, tiny_job(), tmp_path, progress=False)
     table = read_timings(tmp_path / "tiny" / TIMINGS)
     assert result["status"] == "rendered" and set(table.column("fp8").to_pylist()) == {True}
-    assert json.loads((tmp_path / "tiny" / MARKER).read_text())["settings"]["fp8"] is True
+    settings = json.loads((tmp_path / "tiny" / MARKER).read_text())["settings"]
+    assert settings["fp8"] is True and settings["fp8_fast_accum"] is False
 
 
 def test_overlapped_decode_gives_the_same_chunks(generator, tmp_path):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import pytest
 import torch
+from helpers import cuda_test
 
 from worldgen.profiling import (
     FAMILIES,
@@ -18,6 +20,7 @@ from worldgen.profiling import (
     ProfilerSettings,
     StageTimer,
     device_environment,
+    energy_meter,
     kernel_family,
     named_range,
     parse_flag,
@@ -99,6 +102,24 @@ def test_cpu_environment_has_no_gpu_or_peak_memory():
     assert environment["device_name"] == "cpu" and environment["gpu"] is None
     assert environment["torch_version"] == torch.__version__ and environment["host"]
     assert peak_memory_bytes(cpu) is None
+    assert energy_meter(cpu) is None
+
+
+@cuda_test
+def test_gpu_energy_meter_counts_the_joules_of_work() -> None:
+    """NVML's counter rises over a burst of matmuls by joules that make a plausible power for a GPU."""
+    device = torch.device("cuda")
+    meter = energy_meter(device)
+    assert meter is not None, "no NVML energy counter on this GPU"
+    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    joules, started = meter(), time.perf_counter()
+    while time.perf_counter() - started < 1.0:  # the counter updates every few tens of ms
+        for _ in range(20):
+            x @ x
+        torch.cuda.synchronize()
+    spent, seconds = meter() - joules, time.perf_counter() - started
+    assert 20 < spent / seconds < 2000, (spent, seconds)
 
 
 def _tiny_workload() -> None:

@@ -11,7 +11,8 @@ What it writes under OUT: `<path>/timings.parquet` (one row per timed chunk, the
 for the `fast` path and, with `--compare plain`, the `plain` path (the yardstick: PyTorch's default
 attention dispatch, text K/V and camera modulation recomputed every pass, NCDHW Conv3d inputs), and
 `bench.json` (see docs/benchmarks.md for its keys):
-- steady-state mean and p90 of every stage, peak GPU memory;
+- steady-state mean and p90 of every stage, peak GPU memory, and on an NVIDIA GPU the energy per chunk
+  and the mean power over the chunks (NVML's counter, `profiling.energy_meter`);
 - DiT FLOPs per chunk counted from the shapes (`chunk_ops`), with each chunk's real KV length, and the
   achieved TFLOP/s over the DiT stages (denoise + cache update);
 - the floor: the same GEMMs and attention calls timed one by one on the spot (`KernelClock`), summed;
@@ -52,6 +53,7 @@ from worldgen.models.vae import WanVAE
 from worldgen.profiling import (
     ProfilerSettings,
     device_environment,
+    energy_meter,
     peak_memory_bytes,
     profile_ranges,
     reset_peak_memory,
@@ -87,10 +89,12 @@ class BenchSettings:
     seed: int = 0  # the job's noise seed
     weights_seed: int = 0
     compare_plain: bool = False
-    compile: bool = False  # the fast path's blocks compiled (the plain path never is)
-    fp8: bool = False  # the fast path's token-wise matmuls in fp8 (the plain path stays bf16)
-    triton_kernels: bool = False  # the fast path's Triton kernels (DiT norms, fp8 quantisation, VAE norms)
-    gelu_epilogue: bool = False  # the fast path's FFN GELU in the GEMM epilogue
+    # The fast path's switches; None: EngineSettings' default (on for bf16 on CUDA). The plain path has none.
+    compile: bool | None = None  # the blocks compiled
+    fp8: bool = False  # the token-wise matmuls in fp8
+    fp8_fast_accum: bool = True  # their kernel's fast accumulation (the floor's fp8 GEMMs run the same)
+    triton_kernels: bool | None = None  # Triton kernels (DiT norms, fp8 quantisation, VAE norms)
+    gelu_epilogue: bool | None = None  # the FFN GELU in the GEMM epilogue
     overlap: bool = False  # the fast path decodes chunk i on a side stream during chunk i+1's DiT
     profile: bool = False
     sync_check: bool | None = None  # None: on for CUDA (the check needs CUDA's sync debug mode)
@@ -140,10 +144,11 @@ class BenchSettings:
             vae_dtype=None if plain else self.vae_dtype,
             attention=PLAIN_ATTENTION if plain else self.attention,
             plain=plain,
-            compile=self.compile and not plain,
+            compile=False if plain else self.compile,
             fp8=self.fp8 and not plain,
-            triton_kernels=self.triton_kernels and not plain,
-            gelu_epilogue=self.gelu_epilogue and not plain,
+            fp8_fast_accum=self.fp8_fast_accum,
+            triton_kernels=False if plain else self.triton_kernels,
+            gelu_epilogue=False if plain else self.gelu_epilogue,
             overlap=self.overlap and not plain,
             weights_seed=self.weights_seed,
         ).resolved()
@@ -280,6 +285,7 @@ class PathRun:
     frame_tokens: int  # DiT tokens per latent frame
     sync_check: dict[str, Any]
     profile: dict[str, Any] | None
+    energy_joules: list[float] | None  # per row of `log`: the GPU's energy over that chunk (None: no meter)
 
 
 def _profile_chunk(runtime: Runtime, out_dir: Path, name: str) -> dict[str, Any]:
@@ -327,8 +333,11 @@ def run_path(
     sync: dict[str, Any] = {"enabled": bool(settings.sync_check), "chunk_index": checked_chunk, "held": None}
     # With overlap, chunk i's decode runs during chunk i+1's DiT: the chunks come from the pipelined iterator.
     pipelined = runtime.chunks() if generator.settings.overlap else None
+    meter = energy_meter(generator.device)
+    energy: list[float] = []
     for index in range(timed):
         checked = index == checked_chunk
+        joules_before = meter() if meter else 0.0
         try:
             with dit_sync_check(generator.dit, len(runtime.schedule)) if checked else nullcontext():
                 chunk = next(pipelined) if pipelined else runtime.generate_next_chunk()
@@ -340,6 +349,8 @@ def run_path(
             break
         if checked:
             sync["held"] = True
+        if meter:  # the chunk ended with its frames on the host: its work is done
+            energy.append(meter() - joules_before)
         log.append(chunk.timing_row(run, 0.0, settings.warmup_chunks))  # video writing is off
         print(f"{name} chunk {chunk.index}: {chunk.seconds['generate_next_chunk']:.3f} s", flush=True)
     if pipelined:
@@ -359,6 +370,7 @@ def run_path(
         frame_tokens=generator.dit.frame_tokens(runtime.height // stride, runtime.width // stride),
         sync_check=sync,
         profile=profile,
+        energy_joules=energy if meter else None,
     )
 
 
@@ -379,7 +391,8 @@ def path_figures(run: PathRun, config: DiTConfig, clock: KernelClock, warmup_chu
     """The JSON summary of one path: stages, FLOPs, achieved TFLOP/s, floor and its fraction, memory."""
     summary = run.log.summary(warmup_chunks)
     chunks = []
-    for row in run.log.rows:
+    energy = run.energy_joules or [None] * len(run.log.rows)
+    for row, joules in zip(run.log.rows, energy, strict=True):
         shape = {
             "frames": row.latent_frames,
             "frame_tokens": run.frame_tokens,
@@ -397,9 +410,13 @@ def path_figures(run: PathRun, config: DiTConfig, clock: KernelClock, warmup_chu
                 # One forward with everything computed in it, as the plain path's passes are.
                 "tflop_per_pass_by_category": _tflop(flops_by_category(forward_ops(config, **shape))),
                 "floor_seconds": clock.floor_seconds(ops, run.engine.attention, run.engine.fp8),
+                "energy_joules": joules,
+                "seconds": row.generate_next_chunk_seconds,
             }
         )
     steady = [c for c in chunks if c["chunk_index"] >= warmup_chunks]
+    steady_energy = [c["energy_joules"] for c in steady if c["energy_joules"] is not None]
+    steady_seconds = sum(c["seconds"] for c in steady if c["energy_joules"] is not None)
     dit_seconds = sum(c["dit_seconds"] for c in steady)
     tflop = sum(c["tflop"] for c in steady)
     floor = sum(c["floor_seconds"] for c in steady)
@@ -427,6 +444,9 @@ def path_figures(run: PathRun, config: DiTConfig, clock: KernelClock, warmup_chu
         "floor_seconds_per_chunk": _mean([c["floor_seconds"] for c in steady]),
         "floor_fraction": _ratio(floor, dit_seconds),
         "peak_memory_bytes": max(peaks) if peaks else None,
+        # On a GPU at its power cap, seconds follow joules: less energy per chunk is the way to less time.
+        "energy_joules_per_chunk": _mean(steady_energy),
+        "mean_power_watts": _ratio(sum(steady_energy), steady_seconds) if steady_energy else None,
         "sync_check": run.sync_check,
         "profile": run.profile,
         "per_chunk": chunks,
@@ -522,7 +542,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
             runs[name] = run_path(name, generator, job, prompts, settings, run_id)
             compile_seconds = sum(generator.compile_seconds.values())
 
-    clock = KernelClock(device, dtype)
+    clock = KernelClock(device, dtype, fp8_fast_accum=settings.fp8_fast_accum)
     paths = {name: path_figures(run, preset.dit, clock, settings.warmup_chunks) for name, run in runs.items()}
     text_ops = forward_ops(
         preset.dit, frames=settings.chunk_size, frame_tokens=runs["fast"].frame_tokens, kv_tokens=0
@@ -561,6 +581,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("floor %", lambda p: p["floor_fraction"], 100, 1),
         ("TFLOP/s", lambda p: p["achieved_tflops"], 1, 1),
         ("peak GB", lambda p: p["peak_memory_bytes"], 1e-9, 1),
+        ("J/chunk", lambda p: p["energy_joules_per_chunk"], 1, 0),
+        ("W", lambda p: p["mean_power_watts"], 1, 0),
     )
     lines = [" ".join([f"{'path':<6}", *(f"{heading:>8}" for heading, *_ in columns), " sync"])]
     for name, path in summary["paths"].items():

@@ -46,6 +46,7 @@ def _bench(args: argparse.Namespace) -> int:
         compare_plain=args.compare == "plain",
         compile=args.compile,
         fp8=args.fp8,
+        fp8_fast_accum=args.fp8_fast_accum,
         triton_kernels=args.triton_kernels,
         gelu_epilogue=args.gelu_epilogue,
         overlap=args.overlap,
@@ -89,22 +90,47 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str = "tiny", d
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else f32)")
     parser.add_argument("--vae-dtype", default=None, help=VAE_DTYPE_HELP)
     parser.add_argument("--attention", default="auto", help=ATTENTION_HELP)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
-    parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the DiT (bf16, CUDA sm89+)")
-    add_fused_arguments(parser)
+    add_fast_arguments(parser)
+    add_fp8_arguments(parser)
     parser.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
     parser.add_argument("--no-write-video", dest="write_video", action="store_false")
 
 
-def add_fused_arguments(parser: argparse.ArgumentParser) -> None:
-    """The hand-fused kernels' switches (CUDA), shared by render and bench."""
+FAST_DEFAULT = "default: on for a bf16 model on CUDA"
+
+
+def add_fast_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fast path's on/off switches (None when not given: EngineSettings.resolved picks), shared by
+    render and bench."""
+    on_off = argparse.BooleanOptionalAction
     parser.add_argument(
-        "--triton-kernels",
-        action="store_true",
-        help="DiT q/k norm + RoPE (with --fp8: norm + fp8 quantisation), VAE norm + SiLU in Triton (CUDA)",
+        "--compile", action=on_off, default=None, help=f"torch.compile the DiT blocks ({FAST_DEFAULT})"
     )
     parser.add_argument(
-        "--gelu-epilogue", action="store_true", help="the FFN's GELU in its GEMM's epilogue (CUDA)"
+        "--triton-kernels",
+        action=on_off,
+        default=None,
+        help="DiT q/k norm + RoPE (with --fp8: norm + fp8 quantisation), VAE norm + SiLU in Triton "
+        f"({FAST_DEFAULT})",
+    )
+    parser.add_argument(
+        "--gelu-epilogue",
+        action=on_off,
+        default=None,
+        help=f"the FFN's GELU in its GEMM's epilogue ({FAST_DEFAULT}, without --fp8)",
+    )
+
+
+def add_fp8_arguments(parser: argparse.ArgumentParser) -> None:
+    """fp8 layers and their accumulation, shared by render and bench."""
+    parser.add_argument(
+        "--fp8", action="store_true", help="fp8 (e4m3, row-scaled) matmuls in the DiT (bf16, CUDA sm89+)"
+    )
+    parser.add_argument(
+        "--fp8-fast-accum",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the fp8 GEMMs' fast accumulation (default: on; off sums exactly, 10-14%% slower GEMMs)",
     )
 
 
@@ -131,6 +157,7 @@ ENGINE_OPTIONS = (
     "attention",
     "compile",
     "fp8",
+    "fp8_fast_accum",
     "triton_kernels",
     "gelu_epilogue",
     "overlap",
@@ -182,9 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="noise seed of the job")
     bench.add_argument("--weights-seed", type=int, default=0)
     bench.add_argument("--compare", choices=["plain"], default=None, help="also run the plain path")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the fast path's DiT blocks")
-    bench.add_argument("--fp8", action="store_true", help="fp8 (e4m3, row-scaled) matmuls on the fast path")
-    add_fused_arguments(bench)
+    add_fast_arguments(bench)  # the fast path's (the plain path has none of them)
+    add_fp8_arguments(bench)
     bench.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
     bench.add_argument("--profile", action="store_true", help="profile one more chunk per path")
     bench.add_argument(

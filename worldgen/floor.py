@@ -163,12 +163,16 @@ class KernelClock:
     quantised ones as the model's `Fp8Linear` multiplies (its scaled matmul on an already quantised
     activation: the compiled blocks fuse the quantisation into the ops before it);
     attention through the model's `attention()` with the given backend, in the same dtype (e4m3 for the
-    self-attention of backend `fp8`, whose KV cache is e4m3).
+    self-attention of backend `fp8`, whose KV cache is e4m3). `fp8_fast_accum`: the fp8 GEMMs' accumulation,
+    as the model's layers run it.
     `floor_seconds(ops)` sums them: the time of the chunk's matmul and attention kernels alone, back to back.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, calls: int = 10) -> None:
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, calls: int = 10, fp8_fast_accum: bool = True
+    ) -> None:
         self.device, self.dtype, self.calls = device, dtype, calls
+        self.fp8_fast_accum = fp8_fast_accum
         self._matmuls: dict[tuple[int, int, int, bool], float] = {}
         self._attention: dict[tuple[str, torch.dtype, int, int, int, int], float] = {}
 
@@ -185,7 +189,10 @@ class KernelClock:
                 linear = nn.Linear(op.k, op.n, device=self.device, dtype=self.dtype)
                 # fp8: the scaled matmul alone, as compiled blocks fuse the activation's quantisation.
                 call = (
-                    partial(Fp8Linear.from_linear(linear).product, *quantize_rows(x))
+                    partial(
+                        Fp8Linear.from_linear(linear, fast_accum=self.fp8_fast_accum).product,
+                        *quantize_rows(x),
+                    )
                     if as_fp8
                     else partial(linear, x)
                 )
@@ -208,7 +215,15 @@ class KernelClock:
     def to_dict(self) -> dict[str, list[dict[str, Any]]]:
         """Every shape measured so far with its seconds per call and TFLOP/s."""
         matmuls = [
-            {"m": m, "k": k, "n": n, "fp8": fp8, "seconds": s, "tflops": 2 * m * k * n / s / 1e12}
+            {
+                "m": m,
+                "k": k,
+                "n": n,
+                "fp8": fp8,
+                "fast_accum": fp8 and self.fp8_fast_accum,
+                "seconds": s,
+                "tflops": 2 * m * k * n / s / 1e12,
+            }
             for (m, k, n, fp8), s in self._matmuls.items()
         ]
         attention_calls = [

@@ -95,13 +95,18 @@ class EngineSettings:
     attention: str = "auto"
     # The benchmark's yardstick: text K/V and camera modulation recomputed every pass, NCDHW Conv3d inputs.
     plain: bool = False
-    compile: bool = False  # torch.compile every DiT block (worldgen/compile.py)
+    # The fast path's switches. None: on for a bf16 model on CUDA off the plain path (`resolved()`), where
+    # each gives the same frames up to rounding; fp8 changes them by more (~3% of a latent), so it is opt-in.
+    compile: bool | None = None  # torch.compile every DiT block (worldgen/compile.py)
     fp8: bool = False  # e4m3 row-scaled matmuls for the DiT's token-wise layers (worldgen/quant.py)
+    # Their kernel's fast accumulation (quant.py): 10-14% faster GEMMs on an H200; off sums as exactly as
+    # bf16 GEMMs do. Like compile, it rounds differently but computes the same: recorded, not hashed.
+    fp8_fast_accum: bool = True
     # Triton kernels (worldgen/models/triton_kernels.py): the DiT's q/k RMSNorm + RoPE, K written straight
     # into the cache; with fp8, each fp8 layer's input quantisation fused with the norm/GELU before it;
     # the VAE's RMSNorm + SiLU
-    triton_kernels: bool = False
-    gelu_epilogue: bool = False  # the FFN's bias + GELU in cuBLASLt's GEMM epilogue
+    triton_kernels: bool | None = None
+    gelu_epilogue: bool | None = None  # the FFN's bias + GELU in cuBLASLt's GEMM epilogue; None: not with fp8
     overlap: bool = False  # decode chunk i on a side stream while the DiT generates chunk i+1
     weights_seed: int = 0  # seed of the random weights of a preset
 
@@ -118,27 +123,43 @@ class EngineSettings:
             raise ValueError(
                 f"model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder"
             )
-        if self.fp8 and dtype != "bfloat16":
-            raise ValueError(f"fp8 layers run in a bfloat16 model, not {dtype}")
-        attention = check_backend(self.attention)
-        if attention in ("fa4", "fa3", "fp8") and (device.type != "cuda" or dtype != "bfloat16"):
+        # From the device's name, not its presence: a flow resolves on its own host, which may have no GPU
+        # (the Ray runner); the worker that runs the model checks what it needs there (triton).
+        fast = device.type == "cuda" and dtype == "bfloat16" and not self.plain
+        settings = replace(
+            self,
+            device=str(device),
+            dtype=dtype,
+            vae_dtype=vae_dtype,
+            attention=check_backend(self.attention),
+            compile=fast if self.compile is None else self.compile,
+            triton_kernels=fast if self.triton_kernels is None else self.triton_kernels,
+            gelu_epilogue=fast and not self.fp8 if self.gelu_epilogue is None else self.gelu_epilogue,
+        )
+        settings._check(device.type)
+        return settings
+
+    def _check(self, device: str) -> None:
+        """Raise ValueError where resolved settings contradict each other or the device."""
+        if self.fp8 and self.dtype != "bfloat16":
+            raise ValueError(f"fp8 layers run in a bfloat16 model, not {self.dtype}")
+        if self.attention in ("fa4", "fa3", "fp8") and (device != "cuda" or self.dtype != "bfloat16"):
             raise ValueError(
-                f"attention {attention!r} runs a bfloat16 model on CUDA, not {dtype} on {device.type}"
+                f"attention {self.attention!r} runs a bfloat16 model on CUDA, not {self.dtype} on {device}"
             )
         fused = [name for name in ("triton_kernels", "gelu_epilogue") if getattr(self, name)]
-        if fused and device.type != "cuda":
-            raise ValueError(f"{' and '.join(fused)}: CUDA kernels, but the device is {device.type}")
+        if fused and device != "cuda":
+            raise ValueError(f"{' and '.join(fused)}: CUDA kernels, but the device is {device}")
         if self.gelu_epilogue and self.fp8:
             # Its GEMM is an fp8 one, whose GELU already fuses into the next quantisation (torch.compile's
             # kernel, or the Triton one with triton_kernels).
             raise ValueError("gelu_epilogue is for the bf16 FFN; with fp8 layers leave it off")
-        if self.plain and (self.compile or self.fp8 or attention == "fp8" or fused):
+        if self.plain and (self.compile or self.fp8 or self.attention == "fp8" or fused):
             raise ValueError(
                 "the plain path is the uncompiled bf16 yardstick: no compile, no fp8, no fused kernels"
             )
-        if self.plain and vae_dtype == "bfloat16":
+        if self.plain and self.vae_dtype == "bfloat16":
             raise ValueError("the plain path is the yardstick: its VAE runs in float32, not bfloat16")
-        return replace(self, device=str(device), dtype=dtype, vae_dtype=vae_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -232,8 +253,15 @@ class ChunkedGenerator:
         self.settings = settings = settings.resolved()
         self.device = torch.device(settings.device)
         # Checked here, where the model runs, not in `resolved()`: a flow resolves settings on its own host.
-        if settings.triton_kernels and importlib.util.find_spec("triton") is None:
-            raise ValueError("triton_kernels needs the triton package (PyTorch's CUDA wheels bring it)")
+        # Inductor's GPU code is Triton too; on a CPU it compiles C++.
+        on_cuda = self.device.type == "cuda"
+        needs_triton = [name for name in ("compile", "triton_kernels") if getattr(settings, name) and on_cuda]
+        if needs_triton and importlib.util.find_spec("triton") is None:
+            switches = " ".join(f"--no-{name.replace('_', '-')}" for name in needs_triton)
+            raise ValueError(
+                f"{' and '.join(needs_triton)} on CUDA need the triton package (PyTorch's CUDA wheels bring "
+                f"it); without it, turn them off: {switches}"
+            )
         if settings.attention in ("fa3", "fp8") and not flash_usable("fa3", self.device):
             raise ValueError(
                 f"attention {settings.attention!r} runs FlashAttention-3 (pip install 'worldgen[fa3]') on a "
@@ -277,7 +305,7 @@ class ChunkedGenerator:
         self.vae.set_channels_last(not settings.plain)
         self.vae.set_triton_norms(settings.triton_kernels)
         if settings.fp8:
-            quantize_dit(self.dit)
+            quantize_dit(self.dit, fast_accum=settings.fp8_fast_accum)
         if settings.compile:
             compile_dit(self.dit)
         self.compile_seconds: dict[tuple[int, int, int], float] = {}  # per (frames, h, w) chunk shape
@@ -623,6 +651,7 @@ class Runtime:
             "plain": engine.plain,
             "compile": engine.compile,
             "fp8": engine.fp8,
+            "fp8_fast_accum": engine.fp8_fast_accum,
             "triton_kernels": engine.triton_kernels,
             "gelu_epilogue": engine.gelu_epilogue,
             "overlap": engine.overlap,

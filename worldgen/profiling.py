@@ -6,10 +6,13 @@
   (NVTX). Inside `profile_ranges(trace_dir)`, the ranges selected by `WORLDGEN_PROFILE` also run the torch
   profiler and write one Chrome trace per occurrence.
 - `summarize_trace` groups GPU kernel time (CPU op self time when the trace has no GPU) into families.
+- `energy_meter(device)` reads the GPU's energy counter (NVML) in joules: on a GPU held at its power cap,
+  time follows energy, so the benchmark reports joules per chunk beside the seconds.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -17,7 +20,7 @@ import socket
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -82,6 +85,33 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_bytes(device: torch.device) -> int | None:
     """Peak bytes allocated by torch on a CUDA device since the last reset; None where torch keeps no peak."""
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def energy_meter(device: torch.device) -> Callable[[], float] | None:
+    """A function that reads the GPU's energy counter in joules (NVML's total energy consumption since the
+    driver loaded, in mJ), or None where there is none to read: a CPU, no NVML library (libnvidia-ml, which
+    the NVIDIA driver installs), or a GPU without the counter (before Volta)."""
+    if device.type != "cuda":
+        return None
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    handle, millijoules = ctypes.c_void_p(), ctypes.c_ulonglong()
+    # By uuid: NVML numbers the GPUs whatever CUDA_VISIBLE_DEVICES shows this process (0 = success).
+    uuid = device_environment(device)["gpu"] or ""
+    if nvml.nvmlInit_v2() or nvml.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle)):
+        return None
+    read_counter = nvml.nvmlDeviceGetTotalEnergyConsumption
+
+    def joules() -> float:
+        if read_counter(handle, ctypes.byref(millijoules)):
+            raise RuntimeError(f"NVML: the energy counter of {uuid} stopped answering")
+        return millijoules.value / 1e3
+
+    if read_counter(handle, ctypes.byref(millijoules)):
+        return None
+    return joules
 
 
 def device_environment(device: torch.device) -> dict[str, str | None]:

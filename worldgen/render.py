@@ -44,8 +44,8 @@ def render_settings_hash(job: Job, engine: EngineSettings) -> str:
         "device_type": engine.device.split(":")[0],
     }
     # 8-bit attention rounds like fp8 layers; a choice among the exact kernels leaves the hash as it was,
-    # and so do compile and the fused kernels (`triton_kernels`, `gelu_epilogue`): they round differently,
-    # computing the same functions.
+    # and so do compile, the fused kernels (`triton_kernels`, `gelu_epilogue`) and the fp8 GEMMs'
+    # accumulation (`fp8_fast_accum`): they round differently, computing the same functions.
     if engine.attention == "fp8":
         identity["attention"] = "fp8"
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
