@@ -7,8 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import cuda_test
-from test_quant import LATENT_HW, chunk_inputs, rollout, tiny_model
+from helpers import LATENT_HW, cuda_test, rollout_velocities, tiny_inputs, tiny_model
 
 from worldgen.compile import compile_dit, dynamo_graph_count, warmup
 from worldgen.quant import fp8_error, quantize_dit
@@ -43,14 +42,14 @@ def test_block_graph_breaks_only_at_the_cache_attention(fresh_dynamo: None, laye
         quantize_dit(model.set_compute_dtype(torch.bfloat16))
     # The fused quantisation (the reference ops on a CPU) is an opaque custom op inside the graphs.
     model.triton_kernels = layers == "fp8 quantised in kernel"
-    inputs = chunk_inputs(2, model.config)
+    inputs = tiny_inputs(model.config, 2)
     captured: dict[str, tuple] = {}
     hook = model.blocks[0].register_forward_pre_hook(lambda _, args: captured.setdefault("args", args))
     cache = model.make_kv_cache(
         batch_size=1, latent_height=LATENT_HW[0], latent_width=LATENT_HW[1], chunk_size=2, local_attn_size=-1,
         sink_size=0, num_frames=2,
     )  # fmt: skip
-    model(inputs["noise"], 500.0, inputs["y"], inputs["context"], inputs["control"], cache=cache)
+    model(inputs.noise, 500.0, inputs.y, inputs.context, inputs.control, cache=cache)
     hook.remove()
     explained = torch._dynamo.explain(model.blocks[0])(*captured["args"])
     reasons = [reason.reason for reason in explained.break_reasons]
@@ -64,15 +63,15 @@ def test_compiled_rollout_equals_eager_without_recompiling(fresh_dynamo: None) -
     """5 chunks of 2 frames, window 5 with 1 sink frame: the cache fills, then its ring wraps inside a
     chunk. The compiled model gives the eager velocities, from the graphs of the warm-up alone."""
     model = tiny_model()
-    inputs = chunk_inputs(10, model.config)
-    eager = rollout(model, inputs, 2, 5, 1)
+    inputs = tiny_inputs(model.config, 10)
+    eager = rollout_velocities(model, inputs, 2, 5, 1)
 
     compile_dit(model)
     report = warmup(model, latent_frames=2, latent_height=LATENT_HW[0], latent_width=LATENT_HW[1])
     assert report.graphs == GRAPHS_PER_SHAPE  # both blocks share them
     assert report.graph_breaks > 0
     graphs_after_warmup = dynamo_graph_count()
-    compiled = rollout(model, inputs, 2, 5, 1)
+    compiled = rollout_velocities(model, inputs, 2, 5, 1)
     assert dynamo_graph_count() == graphs_after_warmup
     for eager_velocity, compiled_velocity in zip(eager, compiled, strict=True):
         torch.testing.assert_close(compiled_velocity, eager_velocity, rtol=1e-4, atol=1e-5)
@@ -88,11 +87,11 @@ def test_compiled_bf16_and_fp8_match_eager_on_gpu(fresh_dynamo: None) -> None:
         model.triton_kernels = model.gelu_epilogue = fused
         if quantise:
             quantize_dit(model)
-        inputs = {name: t.cuda() for name, t in chunk_inputs(10, model.config).items()}
-        eager = rollout(model, inputs, 2, 5, 1)
+        inputs = tiny_inputs(model.config, 10).to("cuda")
+        eager = rollout_velocities(model, inputs, 2, 5, 1)
         compile_dit(model)
         graphs = dynamo_graph_count()
-        compiled = rollout(model, inputs, 2, 5, 1)
+        compiled = rollout_velocities(model, inputs, 2, 5, 1)
         assert dynamo_graph_count() - graphs == GRAPHS_PER_SHAPE
         for eager_velocity, compiled_velocity in zip(eager, compiled, strict=True):
             # Fused kernels keep intermediates in float32 where eager rounds them to bf16 (bf16 vs float32

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import cuda_test, relative_error
+from helpers import (
+    LATENT_HW,
+    TIMESTEPS,
+    Call,
+    Inputs,
+    cuda_test,
+    relative_error,
+    rollout,
+    tiny_inputs,
+    tiny_model,
+)
 
 import worldgen.models.attention as attention_module
 import worldgen.models.dit as dit_module
@@ -43,8 +52,6 @@ from worldgen.models.kv_cache import E4M3, KVCache, to_e4m3
 from worldgen.quant import quantize_dit
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-TIMESTEPS = (999.0, 978.0, 947.0, 825.0)
-LATENT_HW = (4, 6)  # 2 x 3 tokens per latent frame
 TINY_CACHE = {
     "batch_size": 1, "latent_height": 4, "latent_width": 6, "chunk_size": 1, "local_attn_size": -1,
     "sink_size": 0, "num_frames": 2,
@@ -132,7 +139,7 @@ def test_attention_backends() -> None:
     with pytest.raises(ValueError, match="unknown attention backend 'fast'; choose one of auto, cudnn"):
         check_backend("fast")
     with pytest.raises(ValueError, match="unknown attention backend 'sdpa'"):
-        _tiny_model().attention_backend = "sdpa"
+        tiny_model(torch.float64).attention_backend = "sdpa"
     generator = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 5, 2, 8, dtype=torch.float64, generator=generator) for _ in range(3))
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5
@@ -196,7 +203,7 @@ def test_attention_routes_to_the_flash_kernels_where_they_can_run(monkeypatch: p
 
 
 def test_fp8_attention_keeps_an_e4m3_cache_that_saturates() -> None:
-    model = _tiny_model(torch.float32)
+    model = tiny_model(torch.float32)
     assert model.make_kv_cache(**TINY_CACHE).keys.dtype == torch.float32
     model.attention_backend = "fp8"
     cache = model.make_kv_cache(**TINY_CACHE)
@@ -221,9 +228,9 @@ def test_fp8_attention_hands_e4m3_queries_keys_and_values_to_flashattention3(
         return torch.zeros(query.shape, dtype=torch.bfloat16)
 
     monkeypatch.setattr(attention_module, "fa3_attention", recorder)
-    model = _tiny_model(torch.float32)
+    model = tiny_model(torch.float32)
     model.attention_backend = "fp8"
-    inputs = _inputs(model, 1, torch.float32)
+    inputs = tiny_inputs(model.config, 1, torch.float32)
     cache = model.make_kv_cache(**TINY_CACHE)
     text, control = model.prepare_text(inputs.context), model.prepare_control(inputs.control)
     with torch.no_grad():
@@ -315,12 +322,12 @@ def test_fp8_attention_rollout_stays_close_to_bf16() -> None:
     """The tiny model's chunked rollout over an e4m3 cache against the same rollout in bf16 attention."""
     if not flash_usable("fa3", torch.device("cuda")):
         pytest.skip("needs the fa3-fwd package and a Hopper GPU")
-    model = _tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
-    inputs = Inputs(**{name: t.cuda() for name, t in vars(_inputs(model, 12, torch.float32)).items()})
+    model = tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
+    inputs = tiny_inputs(model.config, 12).to("cuda")
     velocities = {}
     for backend in ("auto", "fp8"):
         model.attention_backend = backend
-        calls, _ = _rollout(model, inputs, chunk=3, window=6, sink=3, kv_only_update=True)
+        calls, _ = rollout(model, inputs, chunk=3, window=6, sink=3, kv_only_update=True)
         velocities[backend] = torch.stack([call.velocity for call in calls])
     reference, eight_bit = velocities["auto"], velocities["fp8"]
     error = relative_error(eight_bit, reference)
@@ -386,118 +393,28 @@ def test_gelu_epilogue_matches_linear_then_gelu() -> None:
 def test_fused_kernels_rollout_matches_the_model_ops(compiled: bool) -> None:
     """The tiny model's chunked rollout in bf16 with the Triton norm+RoPE and the GELU epilogue against
     the same rollout without them: equal up to bf16 rounding, eager and with compiled blocks."""
-    model = _tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
-    inputs = Inputs(**{name: t.cuda() for name, t in vars(_inputs(model, 8, torch.float32)).items()})
+    model = tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
+    inputs = tiny_inputs(model.config, 8).to("cuda")
     velocities = {}
     for fused in (False, True):
         model.triton_kernels = model.gelu_epilogue = fused
         if compiled and fused:
             for block in model.blocks:
                 block.compile(dynamic=False)
-        calls, _ = _rollout(model, inputs, chunk=2, window=5, sink=1, kv_only_update=True)
+        calls, _ = rollout(model, inputs, chunk=2, window=5, sink=1, kv_only_update=True)
         velocities[fused] = torch.stack([call.velocity for call in calls])
     error = relative_error(velocities[True], velocities[False])
     assert velocities[True].isfinite().all() and error < 1e-2, error
 
 
 # ------------------------------------------------------------------------------------- tiny model rollouts
-@dataclass
-class Inputs:
-    noise: torch.Tensor  # [1, 16, F, h, w]
-    renoise: torch.Tensor  # [4, 1, 16, F, h, w]: fresh noise for the re-noising steps
-    y: torch.Tensor
-    control: torch.Tensor
-    context: torch.Tensor
-
-
-def _tiny_model(dtype: torch.dtype = torch.float64) -> CausalDiT:
-    torch.manual_seed(0)
-    model = CausalDiT(get_preset("tiny").dit, attention_backend="math").to(dtype)
-    with torch.no_grad():
-        for parameter in model.parameters():  # move every weight (norms, modulation) off its default
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    return model.eval()
-
-
-def _inputs(model: CausalDiT, frames: int, dtype: torch.dtype = torch.float64) -> Inputs:
-    config = model.config
-    generator = torch.Generator().manual_seed(frames)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=dtype)
-
-    height, width = LATENT_HW
-    return Inputs(
-        noise=randn(1, config.out_dim, frames, height, width),
-        renoise=randn(len(TIMESTEPS), 1, config.out_dim, frames, height, width),
-        y=randn(1, config.in_dim - config.out_dim, frames, height, width),
-        control=randn(1, config.control_channels, frames, height, width),
-        context=randn(1, 20, config.text_dim),
-    )
-
-
-@dataclass
-class Call:
-    first_frame: int
-    x: torch.Tensor
-    timestep: float
-    velocity: torch.Tensor
-
-
-def _rollout(
-    model: CausalDiT,
-    inputs: Inputs,
-    chunk: int,
-    window: int,
-    sink: int,
-    *,
-    prepare_text: bool = True,
-    prepare_control: bool = True,
-    kv_only_update: bool = False,
-) -> tuple[list[Call], list[torch.Tensor]]:
-    """Chunked generation as the generator runs it: 4 denoising passes and one cache update per chunk
-    (a whole forward at timestep 0, whose call is recorded, or with `kv_only_update` `update_cache`)."""
-    frames = inputs.noise.shape[2]
-    cache = model.make_kv_cache(
-        batch_size=1,
-        latent_height=LATENT_HW[0],
-        latent_width=LATENT_HW[1],
-        chunk_size=chunk,
-        local_attn_size=window,
-        sink_size=sink,
-        num_frames=frames,
-    )
-    text = model.prepare_text(inputs.context) if prepare_text else inputs.context
-    calls, clean_chunks = [], []
-    for first in range(0, frames, chunk):
-        frames_of_chunk = slice(first, first + chunk)
-        control_chunk = inputs.control[:, :, frames_of_chunk]
-        control = model.prepare_control(control_chunk) if prepare_control else control_chunk
-        y = inputs.y[:, :, frames_of_chunk]
-        x = inputs.noise[:, :, frames_of_chunk]
-        for step, timestep in enumerate(TIMESTEPS):
-            velocity = model(x, timestep, y, text, control, cache=cache, first_latent_frame=first)
-            calls.append(Call(first, x, timestep, velocity))
-            x0 = x - timestep / 1000 * velocity
-            if step + 1 < len(TIMESTEPS):
-                sigma_next = TIMESTEPS[step + 1] / 1000
-                x = (1 - sigma_next) * x0 + sigma_next * inputs.renoise[step + 1][:, :, frames_of_chunk]
-        if kv_only_update:
-            model.update_cache(x0, y, text, control, cache=cache, first_latent_frame=first)
-        else:
-            velocity = model(x0, 0.0, y, text, control, cache=cache, first_latent_frame=first)
-            calls.append(Call(first, x0, 0.0, velocity))
-        clean_chunks.append(x0)
-    return calls, clean_chunks
-
-
 @torch.no_grad()
 def test_update_cache_writes_what_the_whole_timestep_0_forward_writes() -> None:
     """Every later pass sees the cache: equal velocities over 4 chunks mean equal K/V in every layer."""
-    model = _tiny_model()
-    inputs = _inputs(model, 12)
-    whole, whole_chunks = _rollout(model, inputs, chunk=3, window=6, sink=3)
-    kv_only, kv_only_chunks = _rollout(model, inputs, chunk=3, window=6, sink=3, kv_only_update=True)
+    model = tiny_model(torch.float64)
+    inputs = tiny_inputs(model.config, 12, torch.float64)
+    whole, whole_chunks = rollout(model, inputs, chunk=3, window=6, sink=3)
+    kv_only, kv_only_chunks = rollout(model, inputs, chunk=3, window=6, sink=3, kv_only_update=True)
     denoising = [call for call in whole if call.timestep != 0.0]
     assert len(kv_only) == len(denoising) == 16
     for expected, call in zip(denoising, kv_only, strict=True):
@@ -523,9 +440,9 @@ def test_triton_norm_rope_writes_the_cache_the_model_ops_write(
 
         monkeypatch.setattr(attention_module, "fa3_attention", exact)
         dtype = torch.float32
-    model = _tiny_model(dtype)
+    model = tiny_model(dtype)
     model.attention_backend = backend
-    inputs = _inputs(model, 8, dtype)
+    inputs = tiny_inputs(model.config, 8, dtype)
     writes: list[torch.dtype] = []
 
     def counted(x: torch.Tensor, *args: object) -> torch.Tensor:
@@ -537,7 +454,7 @@ def test_triton_norm_rope_writes_the_cache_the_model_ops_write(
     rollouts = {}
     for fused in (False, True):
         model.triton_kernels = fused
-        calls, clean = _rollout(model, inputs, chunk=2, window=5, sink=1, kv_only_update=True)
+        calls, clean = rollout(model, inputs, chunk=2, window=5, sink=1, kv_only_update=True)
         rollouts[fused] = torch.stack([call.velocity for call in calls]), torch.cat(clean, dim=2)
     # Per chunk, every layer of the 5 passes writes Q and K's slot runs, but the cache update's last layer
     # writes no Q. Slots of frames 0..7 with sink 1 in a 5-frame window: 0 1 | 2 3 | 4 1 (2 runs) | 2 3.
@@ -552,8 +469,8 @@ def test_triton_norm_rope_writes_the_cache_the_model_ops_write(
 
 
 def test_update_cache_needs_a_cache() -> None:
-    model = _tiny_model()
-    inputs = _inputs(model, 3)
+    model = tiny_model(torch.float64)
+    inputs = tiny_inputs(model.config, 3, torch.float64)
     text, control = model.prepare_text(inputs.context), model.prepare_control(inputs.control)
     with pytest.raises(ValueError, match="update_cache needs the KV cache to write, got NoneType"):
         model.update_cache(inputs.noise, inputs.y, text, control, cache=None, first_latent_frame=0)
@@ -589,9 +506,9 @@ def _full_sequence(
 )
 @torch.no_grad()
 def test_rollout_matches_full_sequence_with_visibility_mask(chunk: int, window: int, sink: int, frames: int):
-    model = _tiny_model()
-    inputs = _inputs(model, frames)
-    calls, clean_chunks = _rollout(model, inputs, chunk, window, sink)
+    model = tiny_model(torch.float64)
+    inputs = tiny_inputs(model.config, frames, torch.float64)
+    calls, clean_chunks = rollout(model, inputs, chunk, window, sink)
     frame_tokens = model.frame_tokens(*LATENT_HW)
     for call in calls:
         end = call.first_frame + chunk
@@ -603,9 +520,9 @@ def test_rollout_matches_full_sequence_with_visibility_mask(chunk: int, window: 
 @torch.no_grad()
 def test_window_changes_what_late_chunks_see() -> None:
     """The oracle is sensitive: the last chunk of a rolling-window rollout differs from a whole-video one."""
-    model = _tiny_model()
-    inputs = _inputs(model, 8)
-    calls, clean_chunks = _rollout(model, inputs, 2, 4, 0)
+    model = tiny_model(torch.float64)
+    inputs = tiny_inputs(model.config, 8, torch.float64)
+    calls, clean_chunks = rollout(model, inputs, 2, 4, 0)
     whole_video = visibility_mask(8, model.frame_tokens(*LATENT_HW), 2, -1, 0)
     last_denoise = calls[-2]
     unwindowed = _full_sequence(model, inputs, last_denoise, clean_chunks, 2, whole_video)
@@ -615,17 +532,17 @@ def test_window_changes_what_late_chunks_see() -> None:
 @pytest.mark.parametrize(("prepare_text", "prepare_control"), [(True, True), (True, False), (False, True)])
 @torch.no_grad()
 def test_prepared_states_match_plain_path(prepare_text: bool, prepare_control: bool) -> None:
-    model = _tiny_model()
-    inputs = _inputs(model, 6)
-    plain, _ = _rollout(model, inputs, 3, 3, 0, prepare_text=False, prepare_control=False)
-    fast, _ = _rollout(model, inputs, 3, 3, 0, prepare_text=prepare_text, prepare_control=prepare_control)
+    model = tiny_model(torch.float64)
+    inputs = tiny_inputs(model.config, 6, torch.float64)
+    plain, _ = rollout(model, inputs, 3, 3, 0, prepare_text=False, prepare_control=False)
+    fast, _ = rollout(model, inputs, 3, 3, 0, prepare_text=prepare_text, prepare_control=prepare_control)
     for plain_call, fast_call in zip(plain, fast, strict=True):
         torch.testing.assert_close(fast_call.velocity, plain_call.velocity, rtol=1e-12, atol=1e-12)
 
 
 @torch.no_grad()
 def test_bf16_compute_keeps_modulation_and_stream_in_float32() -> None:
-    reference = _tiny_model(torch.float32)
+    reference = tiny_model(torch.float32)
     model = copy.deepcopy(reference).set_compute_dtype(torch.bfloat16)
     assert model.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
     assert model.patch_embedding.weight.dtype == torch.bfloat16
@@ -639,7 +556,7 @@ def test_bf16_compute_keeps_modulation_and_stream_in_float32() -> None:
         model.head.modulation,
     ):
         assert kept.dtype == torch.float32
-    inputs = _inputs(model, 3, torch.float32)
+    inputs = tiny_inputs(model.config, 3, torch.float32)
     outputs = []
     for dit in (reference, model):
         cache = dit.make_kv_cache(
@@ -654,8 +571,8 @@ def test_bf16_compute_keeps_modulation_and_stream_in_float32() -> None:
 
 @torch.no_grad()
 def test_bad_inputs_raise_clear_errors() -> None:
-    model = _tiny_model()
-    inputs = _inputs(model, 3)
+    model = tiny_model(torch.float64)
+    inputs = tiny_inputs(model.config, 3, torch.float64)
     x, y, context, control = inputs.noise, inputs.y, inputs.context, inputs.control
     with pytest.raises(ValueError, match=r"x must be \[batch, 16, frames, height, width\]"):
         model(x[:, :8], 1.0, y, context, control)
@@ -686,12 +603,12 @@ def test_bad_inputs_raise_clear_errors() -> None:
 def test_cached_passes_never_synchronise_with_the_device(backend: str, fp8_layers: bool, fused: bool) -> None:
     if backend == "fp8" and not flash_usable("fa3", torch.device("cuda")):
         pytest.skip("needs the fa3-fwd package and a Hopper GPU")
-    model = _tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
+    model = tiny_model(torch.float32).cuda().set_compute_dtype(torch.bfloat16)
     model.attention_backend = backend
     model.triton_kernels = model.gelu_epilogue = fused
     if fp8_layers:  # with `fused`, their inputs come from the Triton quantisation kernel
         quantize_dit(model)
-    inputs = _inputs(model, 6, torch.float32)
+    inputs = tiny_inputs(model.config, 6, torch.float32)
     x, y, control = (t.cuda() for t in (inputs.noise, inputs.y, inputs.control))
     text = model.prepare_text(inputs.context.cuda())
     cache = model.make_kv_cache(

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import cuda_test
+from helpers import TIMESTEPS, cuda_test, rollout_velocities, tiny_inputs, tiny_model
 
 from worldgen import quant as quant_module
-from worldgen.config import DiTConfig, get_preset
+from worldgen.config import get_preset
 from worldgen.models import fp8_rows
 from worldgen.models.dit import CausalDiT, Linear
 from worldgen.models.fp8_rows import (
@@ -31,8 +31,6 @@ from worldgen.quant import (
     supports_scaled_mm,
 )
 
-LATENT_HW = (4, 6)
-TIMESTEPS = (999.0, 947.0, 825.0)
 # Every layer the swap must cover in the 2-block tiny model, listed here rather than derived from the
 # pattern under test.
 PER_BLOCK = (
@@ -49,53 +47,9 @@ EXPECTED_KEPT = {f"blocks.{block}.cross_attn.{name}" for block in (0, 1) for nam
 }  # fmt: skip
 
 
-# -------------------------------------------------------------- helpers (test_compile.py uses them too)
+# ------------------------------------------------------------------------------------------------ helpers
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def tiny_model() -> CausalDiT:
-    """The tiny DiT in float32 with every weight moved off its default."""
-    torch.manual_seed(0)
-    model = CausalDiT(get_preset("tiny").dit, attention_backend="math")
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    return model.eval().requires_grad_(False)
-
-
-def chunk_inputs(frames: int, config: DiTConfig) -> dict[str, torch.Tensor]:
-    """Random latents, conditioning, control and text context for `frames` latent frames."""
-    height, width = LATENT_HW
-    return {
-        "noise": _randn(1, config.out_dim, frames, height, width, seed=10),
-        "y": _randn(1, config.in_dim - config.out_dim, frames, height, width, seed=11),
-        "control": _randn(1, config.control_channels, frames, height, width, seed=12),
-        "context": _randn(1, 20, config.text_dim, seed=13),
-    }
-
-
-def rollout(
-    model: CausalDiT, inputs: dict[str, torch.Tensor], chunk: int, window: int, sink: int = 0
-) -> list[torch.Tensor]:
-    """Velocities of every pass of a chunked rollout (denoising passes + cache update per chunk)."""
-    frames = inputs["noise"].shape[2]
-    cache = model.make_kv_cache(
-        batch_size=1, latent_height=LATENT_HW[0], latent_width=LATENT_HW[1], chunk_size=chunk,
-        local_attn_size=window, sink_size=sink, num_frames=frames,
-    )  # fmt: skip
-    text = model.prepare_text(inputs["context"])
-    velocities = []
-    for first in range(0, frames, chunk):
-        part = slice(first, first + chunk)
-        control = model.prepare_control(inputs["control"][:, :, part])
-        x, y = inputs["noise"][:, :, part], inputs["y"][:, :, part]
-        for timestep in (*TIMESTEPS, 0.0):
-            velocity = model(x, timestep, y, text, control, cache=cache, first_latent_frame=first)
-            velocities.append(velocity)
-            if timestep:  # the next pass sees this pass's x0 estimate, as in denoising
-                x = x - timestep / 1000 * velocity
-    return velocities
 
 
 def _fp8_model(reference: CausalDiT, use_scaled_mm: bool | None = False) -> CausalDiT:
@@ -349,7 +303,7 @@ def test_fused_quantize_path_of_the_model_matches_its_unfused_path(monkeypatch: 
     where the unfused one rounds some to bf16 first, which moves codes at rounding ties only."""
     reference = tiny_model()
     model = _fp8_model(reference)
-    inputs = chunk_inputs(6, model.config)
+    inputs = tiny_inputs(model.config, 6)
     forms: list[str] = []
     own_quantisations = 0
 
@@ -373,7 +327,7 @@ def test_fused_quantize_path_of_the_model_matches_its_unfused_path(monkeypatch: 
     for fused in (False, True):
         model.triton_kernels = fused
         own_quantisations = 0
-        velocities[fused] = torch.stack(rollout(model, inputs, 2, 4))
+        velocities[fused] = torch.stack(rollout_velocities(model, inputs, 2, 4))
         assert (own_quantisations == 0) == fused
     blocks, chunks, passes = model.config.num_layers, 3, len(TIMESTEPS) + 1
     # Per block and pass: the q/k/v input (norm); the cross-attention query input after the self-attention's
@@ -384,7 +338,7 @@ def test_fused_quantize_path_of_the_model_matches_its_unfused_path(monkeypatch: 
     assert forms.count("residual and camera") == forms.count("residual") == blocks * chunks * passes
     assert forms.count("gelu") == blocks * chunks * passes
     assert forms.count("plain") == (2 * passes + 3) * blocks * chunks + 2 * chunks
-    exact = torch.stack(rollout(reference, inputs, 2, 4))
+    exact = torch.stack(rollout_velocities(reference, inputs, 2, 4))
     # Measured: fused vs unfused 0.007, each against float32 about 0.08.
     assert fp8_error(velocities[False], velocities[True]) < 0.02
     assert fp8_error(exact, velocities[True]) < 1.1 * fp8_error(exact, velocities[False])
@@ -431,10 +385,10 @@ def test_quantize_dit_rejects_models_it_cannot_serve() -> None:
 def test_fp8_rollout_stays_close_to_float32() -> None:
     """A 3-chunk rollout through the rolling cache: fp8 (emulated) vs float32, with bf16 as the yardstick."""
     reference = tiny_model()
-    inputs = chunk_inputs(6, reference.config)
-    exact = rollout(reference, inputs, 2, 4)
-    bf16 = rollout(copy.deepcopy(reference).set_compute_dtype(torch.bfloat16), inputs, 2, 4)
-    fp8 = rollout(_fp8_model(reference), inputs, 2, 4)
+    inputs = tiny_inputs(reference.config, 6)
+    exact = rollout_velocities(reference, inputs, 2, 4)
+    bf16 = rollout_velocities(copy.deepcopy(reference).set_compute_dtype(torch.bfloat16), inputs, 2, 4)
+    fp8 = rollout_velocities(_fp8_model(reference), inputs, 2, 4)
     bf16_errors = [fp8_error(e, b) for e, b in zip(exact, bf16, strict=True)]
     fp8_errors = [fp8_error(e, f) for e, f in zip(exact, fp8, strict=True)]
     assert all(v.dtype == torch.float32 for v in fp8)
@@ -468,12 +422,12 @@ def test_scaled_mm_kernel_matches_emulation_on_gpu() -> None:
         assert not torch.equal(fast, kernel)
     # Model level: the kernel path (picked by default on this device) vs the emulation.
     reference = tiny_model().to(device)
-    inputs = {name: t.to(device) for name, t in chunk_inputs(4, reference.config).items()}
+    inputs = tiny_inputs(reference.config, 4).to(device)
     with_kernel = _fp8_model(reference, use_scaled_mm=None)  # with fast accumulation, the default
     assert all(m.use_scaled_mm and m.fast_accum for m in with_kernel.modules() if isinstance(m, Fp8Linear))
-    kernel_out = rollout(with_kernel, inputs, 2, 4)
-    emulated_out = rollout(_fp8_model(reference, use_scaled_mm=False), inputs, 2, 4)
-    exact = rollout(reference, inputs, 2, 4)
+    kernel_out = rollout_velocities(with_kernel, inputs, 2, 4)
+    emulated_out = rollout_velocities(_fp8_model(reference, use_scaled_mm=False), inputs, 2, 4)
+    exact = rollout_velocities(reference, inputs, 2, 4)
     for k, e, x in zip(kernel_out, emulated_out, exact, strict=True):
         # Another summation order can move a bf16 output by one ulp, and the next layer's e4m3 code of it
         # by one step: such flips compound over the passes (0.030 seen on an H200) but stay well below the
