@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import worldgen.bench as bench_module
+import worldgen.generator as generator_module
 import worldgen.quant as quant_module
 from worldgen.bench import (
     BenchSettings,
@@ -26,6 +27,7 @@ from worldgen.bench import (
     write_inputs,
 )
 from worldgen.cli import main
+from worldgen.compile import WarmupReport
 from worldgen.config import get_preset
 from worldgen.control import check_actions, check_intrinsics, check_poses
 from worldgen.floor import (
@@ -392,6 +394,19 @@ def test_bench_with_overlap_times_every_chunk_and_refuses_the_sync_check(tmp_pat
     assert fast["engine"]["overlap"] and fast["chunks"] == 2
     assert [row["chunk_index"] for row in fast["per_chunk"]] == [0, 1]
     assert fast["profile"]["chunk_index"] == 3  # chunk 2 was generated ahead by the pipeline
+
+
+def test_bench_reports_compile_seconds_when_the_fast_path_compiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast engine's resolved `compile` decides (the setting may be None: on for bf16 on CUDA); the
+    compilation itself is stood in for, so this checks the report, not torch.compile."""
+    monkeypatch.setattr(generator_module, "compile_dit", lambda model: model)
+    monkeypatch.setattr(generator_module, "warmup", lambda model, **_: WarmupReport(5.0, 1.0, 4, 3))
+    settings = {**TINY_SETTINGS, "chunks": 2, "sync_check": False}
+    assert run_bench(BenchSettings(out=tmp_path / "off", **settings))["compile_seconds"] is None
+    compiled = run_bench(BenchSettings(out=tmp_path / "on", **settings, compile=True))
+    assert compiled["compile_seconds"] == 4.0 and compiled["paths"]["fast"]["engine"]["compile"]
 
 
 def test_bench_reports_energy_per_chunk_from_the_meter(

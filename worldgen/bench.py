@@ -553,7 +553,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "settings": settings.to_dict(),
         "environment": _environment(device),
         "build": build,
-        "compile_seconds": compile_seconds if settings.compile else None,  # the fast path's, before chunk 0
+        "compile_seconds": compile_seconds if engines["fast"].compile else None,  # before chunk 0
         # Relative L2 of the fast path's clean latents with fp8 matmuls and/or fp8 attention against bf16
         # eager (the same attention backend, `auto` for `fp8`), chunk by chunk, same job and seed.
         "fp8_latent_error": fp8_latent_error if settings.eight_bit else None,
