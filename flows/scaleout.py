@@ -47,6 +47,7 @@ from flows.render import render_manifest
 from worldgen.bench import BenchSettings, write_inputs
 from worldgen.cli import add_engine_arguments, add_geometry_arguments, engine_options, geometry_options
 from worldgen.config import PRESETS, get_preset, job_to_dict
+from worldgen.generator import EngineSettings
 from worldgen.timing import atomic_output
 
 SUMMARY_FILE = "scaleout.json"
@@ -187,6 +188,7 @@ def scaleout(
         )
     if engine["model"] not in PRESETS:
         raise ValueError(f"the scale-out renders a preset ({', '.join(PRESETS)}), not {engine['model']!r}")
+    resolved_engine = EngineSettings(**engine).resolved().to_dict()  # checked now; recorded as it runs
     physical = torch.cuda.device_count()
     if torch.device(engine["device"]).type == "cuda" and max(gpu_counts) > physical:
         raise ValueError(f"{max(gpu_counts)} GPUs asked for, but this machine has {physical}")
@@ -213,7 +215,8 @@ def scaleout(
             )
         runs = add_scaling([*runs, measure(results, gpus, time.perf_counter() - started)])
         with atomic_output(out_dir / SUMMARY_FILE) as temp:
-            temp.write_text(json.dumps({"manifest": str(manifest), "engine": engine, "runs": runs}, indent=2))
+            summary = {"manifest": str(manifest), "engine": resolved_engine, "runs": runs}
+            temp.write_text(json.dumps(summary, indent=2))
         print(f"{gpus} GPU(s): {runs[-1]['jobs_per_hour']:.1f} jobs/h over the renders", flush=True)
     return runs
 

@@ -412,17 +412,23 @@ def test_bench_reports_compile_seconds_when_the_fast_path_compiles(
 def test_bench_reports_energy_per_chunk_from_the_meter(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each chunk's joules are the counter's rise over it (a stand-in counter that rises 7 J per read);
-    the mean over the steady chunks, and their joules over their seconds as the mean power."""
-    counter = iter(range(0, 10_000, 7))
-    monkeypatch.setattr(bench_module, "energy_meter", lambda device: lambda: float(next(counter)))
-    summary = run_bench(BenchSettings(out=tmp_path, **TINY_SETTINGS, chunks=3, sync_check=False))
+    """Each chunk's joules are the counter's rise over it (a stand-in counter that rises 7 J per read, and
+    fails one read); the mean over the steady chunks, and their joules over the meter's windows around
+    them as the mean power. A chunk with a failed read has no joules and stays out of both."""
+    readings = iter([0.0, 7.0, 14.0, 21.0, 28.0, 35.0, None, 49.0])
+    monkeypatch.setattr(bench_module, "energy_meter", lambda device: lambda: next(readings))
+    summary = run_bench(BenchSettings(out=tmp_path, **TINY_SETTINGS, chunks=4, sync_check=False))
+    chunks = summary["paths"]["fast"]["per_chunk"]
+    assert [c["energy_joules"] for c in chunks] == [7.0, 7.0, 7.0, None]
     fast = summary["paths"]["fast"]
-    assert [c["energy_joules"] for c in fast["per_chunk"]] == [7.0, 7.0, 7.0]
-    steady_seconds = sum(c["seconds"] for c in fast["per_chunk"][1:])
     assert fast["energy_joules_per_chunk"] == 7.0
-    assert fast["mean_power_watts"] == pytest.approx(14.0 / steady_seconds)
-    assert steady_seconds == pytest.approx(2 * fast["stages"]["generate_next_chunk"]["mean"])
+    metered_seconds = sum(c["energy_seconds"] for c in chunks[1:3])
+    assert fast["mean_power_watts"] == pytest.approx(14.0 / metered_seconds)
+    # Each window holds its chunk (and the meter's own reads).
+    rows = read_timings(tmp_path / "fast" / "timings.parquet").to_pylist()
+    assert all(
+        c["energy_seconds"] >= r["generate_next_chunk_seconds"] for c, r in zip(chunks, rows, strict=True)
+    )
 
 
 def test_bench_reports_the_fp8_latent_error_against_bf16(tmp_path: Path) -> None:

@@ -25,7 +25,15 @@ from worldgen.generator import (
     shared_generator,
 )
 from worldgen.quant import Fp8Linear
-from worldgen.render import MARKER, PROMPT_CACHE, TIMINGS, VIDEO, finished_result, render_job
+from worldgen.render import (
+    MARKER,
+    PROMPT_CACHE,
+    TIMINGS,
+    VIDEO,
+    finished_result,
+    render_job,
+    render_settings_hash,
+)
 from worldgen.timing import TIMING_SCHEMA, read_timings, summarize
 
 
@@ -228,6 +236,20 @@ def test_fast_path_switches_default_on_for_bf16_on_cuda():
     assert resolved(device="cuda", plain=True, vae_dtype="float32") == (False, False, False)
     assert resolved(device="cuda", compile=False, gelu_epilogue=False) == (False, True, False)
     assert resolved(dtype="bfloat16", compile=True) == (True, False, False)
+    for fields in (
+        {"device": "cuda"},
+        {"device": "cuda", "fp8": True},
+        {"device": "cuda", "plain": True},
+        {},
+    ):
+        once = EngineSettings(**fields).resolved()
+        assert once.resolved() == once  # resolving is final: a flow's resolved settings travel to workers
+    # They round the frames, they do not change them: a render's settings hash leaves them out.
+    job = tiny_job()
+    all_off = EngineSettings(
+        device="cuda", compile=False, triton_kernels=False, gelu_epilogue=False, fp8_fast_accum=False
+    )
+    assert render_settings_hash(job, EngineSettings(device="cuda")) == render_settings_hash(job, all_off)
 
 
 def test_fast_path_switches_are_checked_and_recorded(tmp_path):
@@ -257,10 +279,14 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
         with pytest.raises(
             ValueError,
             match=r"compile and triton_kernels on CUDA need the triton package.*"
-            "turn them off: --no-compile --no-triton-kernels",
+            "turn off --no-compile --no-triton-kernels",
         ):
             ChunkedGenerator(EngineSettings(device="cuda"))
-        with pytest.raises(ValueError, match=r"^triton_kernels on CUDA need .* --no-triton-kernels$"):
+        with pytest.raises(
+            ValueError,
+            match=r"^triton_kernels on CUDA needs .* --no-triton-kernels "
+            r"\(EngineSettings: triton_kernels=False\)$",
+        ):
             ChunkedGenerator(EngineSettings(device="cuda", compile=False))
     with pytest.raises(ValueError, match="no fused kernels"):
         EngineSettings(device="cuda", plain=True, gelu_epilogue=True).resolved()

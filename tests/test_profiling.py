@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import cuda_test
 
+import worldgen.profiling as profiling_module
 from worldgen.profiling import (
     FAMILIES,
     PROFILE_ENV,
@@ -103,6 +104,55 @@ def test_cpu_environment_has_no_gpu_or_peak_memory():
     assert environment["torch_version"] == torch.__version__ and environment["host"]
     assert peak_memory_bytes(cpu) is None
     assert energy_meter(cpu) is None
+
+
+class _FakeNvml:
+    """libnvidia-ml's three calls (plain functions, as ctypes' are, so their restype/argtypes can be set),
+    each answering with a set return code (0 = success)."""
+
+    def __init__(self, init: int = 0, by_uuid: int = 0, counter: tuple[int, ...] = (0,)) -> None:
+        reads = 0
+
+        def read_counter(handle: object, millijoules: object) -> int:  # counter: codes of successive reads
+            nonlocal reads
+            reads += 1
+            millijoules._obj.value = 1500 * reads  # byref(x)._obj is the c_ulonglong passed
+            return counter[min(reads, len(counter)) - 1]
+
+        def by_uuid_call(uuid: bytes, handle: object) -> int:
+            assert uuid == b"GPU-test"
+            return by_uuid
+
+        self.nvmlInit_v2 = lambda: init
+        self.nvmlDeviceGetHandleByUUID = by_uuid_call
+        self.nvmlDeviceGetTotalEnergyConsumption = read_counter
+
+
+@pytest.mark.parametrize(
+    ("nvml", "reads"),
+    [
+        (_FakeNvml(counter=(0, 0, 15)), [3.0, None]),  # works, then one read fails: None for that read
+        (_FakeNvml(init=1), None),  # NVML does not start
+        (_FakeNvml(by_uuid=6), None),  # the uuid is not a GPU NVML knows (a MIG slice, say)
+        (_FakeNvml(counter=(3,)), None),  # no energy counter on this GPU (NVML_ERROR_NOT_SUPPORTED)
+        (OSError("libnvidia-ml.so.1: cannot open shared object file"), None),  # no driver library
+    ],
+)
+def test_energy_meter_reads_joules_or_says_there_is_none(monkeypatch, nvml, reads) -> None:
+    """Without a GPU: NVML stood in for, each way it can answer."""
+
+    def load(name: str) -> _FakeNvml:
+        if isinstance(nvml, Exception):
+            raise nvml
+        return nvml
+
+    monkeypatch.setattr(profiling_module.ctypes, "CDLL", load)
+    monkeypatch.setattr(profiling_module, "device_environment", lambda device: {"gpu": "GPU-test"})
+    meter = energy_meter(torch.device("cuda"))
+    if reads is None:
+        assert meter is None
+    else:
+        assert meter is not None and [meter(), meter()] == reads  # the first read was the check's
 
 
 @cuda_test

@@ -13,6 +13,7 @@ import pytest
 from flows.scaleout import SUMMARY_FILE, add_scaling, format_table, measure, scaleout
 from worldgen.bench import BenchSettings
 from worldgen.cli import add_engine_arguments, engine_options
+from worldgen.generator import EngineSettings
 from worldgen.render import TIMINGS
 
 TINY_GEOMETRY = {"height": 48, "width": 64, "frame_num": 9, "chunk_size": 1, "window": 2, "sink": 1}
@@ -110,7 +111,11 @@ def test_the_same_manifest_on_one_and_two_gpus(tmp_path, monkeypatch):
     for gpus in (1, 2):
         for job in range(4):
             assert pq.read_metadata(out / f"gpus-{gpus}" / f"scale-{job}" / TIMINGS).num_rows == 3
-    assert json.loads((out / SUMMARY_FILE).read_text())["runs"] == runs
+    written = json.loads((out / SUMMARY_FILE).read_text())
+    assert written["runs"] == runs
+    # The engine as it ran: the CPU's defaults resolved (no switch left unset).
+    assert written["engine"] == EngineSettings(**default_engine()).resolved().to_dict()
+    assert written["engine"]["compile"] is False and None not in written["engine"].values()
 
     summary = (out / SUMMARY_FILE).read_text()
     with pytest.raises(ValueError, match="is not empty: a scale-out run writes into a new or empty folder"):

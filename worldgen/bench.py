@@ -114,7 +114,15 @@ class BenchSettings:
         if self.overlap and sync_check:
             # Sync debug mode is process-wide: the decode thread's host copy would trip it mid-pass.
             raise ValueError("bench: --overlap needs --no-sync-check (check the DiT without overlap)")
-        return replace(self, out=Path(self.out), sync_check=sync_check)
+        fast = self.engine()  # the fast path's switches as they will run (bench.json records these)
+        return replace(
+            self,
+            out=Path(self.out),
+            sync_check=sync_check,
+            compile=fast.compile,
+            triton_kernels=fast.triton_kernels,
+            gelu_epilogue=fast.gelu_epilogue,
+        )
 
     @property
     def eight_bit(self) -> bool:
@@ -285,7 +293,9 @@ class PathRun:
     frame_tokens: int  # DiT tokens per latent frame
     sync_check: dict[str, Any]
     profile: dict[str, Any] | None
-    energy_joules: list[float] | None  # per row of `log`: the GPU's energy over that chunk (None: no meter)
+    # Per row of `log`, the energy meter's window around that chunk: (joules or None where a read failed,
+    # seconds); None without a meter.
+    energy: list[tuple[float | None, float]] | None
 
 
 def _profile_chunk(runtime: Runtime, out_dir: Path, name: str) -> dict[str, Any]:
@@ -334,10 +344,10 @@ def run_path(
     # With overlap, chunk i's decode runs during chunk i+1's DiT: the chunks come from the pipelined iterator.
     pipelined = runtime.chunks() if generator.settings.overlap else None
     meter = energy_meter(generator.device)
-    energy: list[float] = []
+    energy: list[tuple[float | None, float]] = []
     for index in range(timed):
         checked = index == checked_chunk
-        joules_before = meter() if meter else 0.0
+        joules_before, window_started = meter() if meter else None, time.perf_counter()
         try:
             with dit_sync_check(generator.dit, len(runtime.schedule)) if checked else nullcontext():
                 chunk = next(pipelined) if pipelined else runtime.generate_next_chunk()
@@ -349,8 +359,10 @@ def run_path(
             break
         if checked:
             sync["held"] = True
-        if meter:  # the chunk ended with its frames on the host: its work is done
-            energy.append(meter() - joules_before)
+        if meter:  # the chunk's frames are on the host (with --overlap, the next chunk's DiT has begun)
+            joules_after = meter()
+            spent = None if joules_before is None or joules_after is None else joules_after - joules_before
+            energy.append((spent, time.perf_counter() - window_started))
         log.append(chunk.timing_row(run, 0.0, settings.warmup_chunks))  # video writing is off
         print(f"{name} chunk {chunk.index}: {chunk.seconds['generate_next_chunk']:.3f} s", flush=True)
     if pipelined:
@@ -370,7 +382,7 @@ def run_path(
         frame_tokens=generator.dit.frame_tokens(runtime.height // stride, runtime.width // stride),
         sync_check=sync,
         profile=profile,
-        energy_joules=energy if meter else None,
+        energy=energy if meter else None,
     )
 
 
@@ -391,8 +403,8 @@ def path_figures(run: PathRun, config: DiTConfig, clock: KernelClock, warmup_chu
     """The JSON summary of one path: stages, FLOPs, achieved TFLOP/s, floor and its fraction, memory."""
     summary = run.log.summary(warmup_chunks)
     chunks = []
-    energy = run.energy_joules or [None] * len(run.log.rows)
-    for row, joules in zip(run.log.rows, energy, strict=True):
+    energy = run.energy or [(None, None)] * len(run.log.rows)
+    for row, (joules, energy_seconds) in zip(run.log.rows, energy, strict=True):
         shape = {
             "frames": row.latent_frames,
             "frame_tokens": run.frame_tokens,
@@ -411,12 +423,12 @@ def path_figures(run: PathRun, config: DiTConfig, clock: KernelClock, warmup_chu
                 "tflop_per_pass_by_category": _tflop(flops_by_category(forward_ops(config, **shape))),
                 "floor_seconds": clock.floor_seconds(ops, run.engine.attention, run.engine.fp8),
                 "energy_joules": joules,
-                "seconds": row.generate_next_chunk_seconds,
+                "energy_seconds": energy_seconds,  # the meter's window: the chunk and the reads around it
             }
         )
     steady = [c for c in chunks if c["chunk_index"] >= warmup_chunks]
-    steady_energy = [c["energy_joules"] for c in steady if c["energy_joules"] is not None]
-    steady_seconds = sum(c["seconds"] for c in steady if c["energy_joules"] is not None)
+    metered = [c for c in steady if c["energy_joules"] is not None]
+    metered_joules = sum(c["energy_joules"] for c in metered)
     dit_seconds = sum(c["dit_seconds"] for c in steady)
     tflop = sum(c["tflop"] for c in steady)
     floor = sum(c["floor_seconds"] for c in steady)
@@ -445,8 +457,10 @@ def path_figures(run: PathRun, config: DiTConfig, clock: KernelClock, warmup_chu
         "floor_fraction": _ratio(floor, dit_seconds),
         "peak_memory_bytes": max(peaks) if peaks else None,
         # On a GPU at its power cap, seconds follow joules: less energy per chunk is the way to less time.
-        "energy_joules_per_chunk": _mean(steady_energy),
-        "mean_power_watts": _ratio(sum(steady_energy), steady_seconds) if steady_energy else None,
+        "energy_joules_per_chunk": _mean([c["energy_joules"] for c in metered]),
+        "mean_power_watts": _ratio(metered_joules, sum(c["energy_seconds"] for c in metered))
+        if metered
+        else None,
         "sync_check": run.sync_check,
         "profile": run.profile,
         "per_chunk": chunks,

@@ -130,7 +130,8 @@ def add_fp8_arguments(parser: argparse.ArgumentParser) -> None:
         "--fp8-fast-accum",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="the fp8 GEMMs' fast accumulation (default: on; off sums exactly, 10-14%% slower GEMMs)",
+        help="the fp8 GEMMs' fast accumulation (default: on; off sums as exactly as bf16 GEMMs do, "
+        "10-14%% slower)",
     )
 
 

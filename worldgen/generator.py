@@ -111,7 +111,9 @@ class EngineSettings:
     weights_seed: int = 0  # seed of the random weights of a preset
 
     def resolved(self) -> EngineSettings:
-        """These settings with the defaults that depend on the device filled in, and checked."""
+        """These settings with the defaults that depend on the device filled in, and checked: the settings a
+        run uses and records. Change a switch on the unresolved settings, not on these (a default filled in
+        here, gelu_epilogue say, may not hold for the changed ones)."""
         device = torch.device(self.device)
         dtype = self.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in DTYPES:
@@ -135,6 +137,7 @@ class EngineSettings:
             compile=fast if self.compile is None else self.compile,
             triton_kernels=fast if self.triton_kernels is None else self.triton_kernels,
             gelu_epilogue=fast and not self.fp8 if self.gelu_epilogue is None else self.gelu_epilogue,
+            fp8_fast_accum=self.fp8 and self.fp8_fast_accum,  # what ran: no fp8 GEMMs, no fast accumulation
         )
         settings._check(device.type)
         return settings
@@ -257,10 +260,12 @@ class ChunkedGenerator:
         on_cuda = self.device.type == "cuda"
         needs_triton = [name for name in ("compile", "triton_kernels") if getattr(settings, name) and on_cuda]
         if needs_triton and importlib.util.find_spec("triton") is None:
-            switches = " ".join(f"--no-{name.replace('_', '-')}" for name in needs_triton)
+            flags = " ".join(f"--no-{name.replace('_', '-')}" for name in needs_triton)
+            fields = ", ".join(f"{name}=False" for name in needs_triton)
+            verb = "need" if len(needs_triton) > 1 else "needs"
             raise ValueError(
-                f"{' and '.join(needs_triton)} on CUDA need the triton package (PyTorch's CUDA wheels bring "
-                f"it); without it, turn them off: {switches}"
+                f"{' and '.join(needs_triton)} on CUDA {verb} the triton package (PyTorch's CUDA wheels "
+                f"bring it); without it, turn off {flags} (EngineSettings: {fields})"
             )
         if settings.attention in ("fa3", "fp8") and not flash_usable("fa3", self.device):
             raise ValueError(

@@ -87,31 +87,34 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def energy_meter(device: torch.device) -> Callable[[], float] | None:
+def energy_meter(device: torch.device) -> Callable[[], float | None] | None:
     """A function that reads the GPU's energy counter in joules (NVML's total energy consumption since the
-    driver loaded, in mJ), or None where there is none to read: a CPU, no NVML library (libnvidia-ml, which
-    the NVIDIA driver installs), or a GPU without the counter (before Volta)."""
+    driver loaded, in mJ; None for a read that fails), or None where there is no counter to read: a CPU, no
+    NVML library (libnvidia-ml, which the NVIDIA driver installs), a GPU without the counter (before Volta),
+    or a MIG slice (NVML does not know its uuid as a GPU's). The counter moves in steps of about 100 ms on an
+    H200: a chunk's joules are good to about a tenth of a second's worth, a mean over many chunks better."""
     if device.type != "cuda":
         return None
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
+        init, by_uuid = nvml.nvmlInit_v2, nvml.nvmlDeviceGetHandleByUUID
+        read_counter = nvml.nvmlDeviceGetTotalEnergyConsumption
+    except (OSError, AttributeError):  # no library, or one without these symbols
         return None
-    handle, millijoules = ctypes.c_void_p(), ctypes.c_ulonglong()
-    # By uuid: NVML numbers the GPUs whatever CUDA_VISIBLE_DEVICES shows this process (0 = success).
+    init.restype = by_uuid.restype = read_counter.restype = ctypes.c_int  # nvmlReturn_t, 0 = success
+    by_uuid.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
+    read_counter.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulonglong)]
+    handle = ctypes.c_void_p()
+    # By uuid: NVML numbers the GPUs whatever CUDA_VISIBLE_DEVICES shows this process.
     uuid = device_environment(device)["gpu"] or ""
-    if nvml.nvmlInit_v2() or nvml.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle)):
+    if init() or by_uuid(uuid.encode(), ctypes.byref(handle)):
         return None
-    read_counter = nvml.nvmlDeviceGetTotalEnergyConsumption
 
-    def joules() -> float:
-        if read_counter(handle, ctypes.byref(millijoules)):
-            raise RuntimeError(f"NVML: the energy counter of {uuid} stopped answering")
-        return millijoules.value / 1e3
+    def joules() -> float | None:
+        millijoules = ctypes.c_ulonglong()  # one per call: readers on several threads share nothing
+        return None if read_counter(handle, ctypes.byref(millijoules)) else millijoules.value / 1e3
 
-    if read_counter(handle, ctypes.byref(millijoules)):
-        return None
-    return joules
+    return joules if joules() is not None else None
 
 
 def device_environment(device: torch.device) -> dict[str, str | None]:
