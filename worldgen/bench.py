@@ -428,7 +428,6 @@ def path_figures(run: PathRun, config: DiTConfig, clock: KernelClock, warmup_chu
         )
     steady = [c for c in chunks if c["chunk_index"] >= warmup_chunks]
     metered = [c for c in steady if c["energy_joules"] is not None]
-    metered_joules = sum(c["energy_joules"] for c in metered)
     dit_seconds = sum(c["dit_seconds"] for c in steady)
     tflop = sum(c["tflop"] for c in steady)
     floor = sum(c["floor_seconds"] for c in steady)
@@ -458,9 +457,9 @@ def path_figures(run: PathRun, config: DiTConfig, clock: KernelClock, warmup_chu
         "peak_memory_bytes": max(peaks) if peaks else None,
         # On a GPU at its power cap, seconds follow joules: less energy per chunk is the way to less time.
         "energy_joules_per_chunk": _mean([c["energy_joules"] for c in metered]),
-        "mean_power_watts": _ratio(metered_joules, sum(c["energy_seconds"] for c in metered))
-        if metered
-        else None,
+        "mean_power_watts": _ratio(
+            sum(c["energy_joules"] for c in metered), sum(c["energy_seconds"] for c in metered)
+        ),
         "sync_check": run.sync_check,
         "profile": run.profile,
         "per_chunk": chunks,

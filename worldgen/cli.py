@@ -91,7 +91,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model: str = "tiny", d
     parser.add_argument("--vae-dtype", default=None, help=VAE_DTYPE_HELP)
     parser.add_argument("--attention", default="auto", help=ATTENTION_HELP)
     add_fast_arguments(parser)
-    add_fp8_arguments(parser)
     parser.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
     parser.add_argument("--no-write-video", dest="write_video", action="store_false")
 
@@ -100,8 +99,8 @@ FAST_DEFAULT = "default: on for a bf16 model on CUDA"
 
 
 def add_fast_arguments(parser: argparse.ArgumentParser) -> None:
-    """The fast path's on/off switches (None when not given: EngineSettings.resolved picks), shared by
-    render and bench."""
+    """The fast path's switches, shared by render and bench: compile and the fused kernels (None when not
+    given: EngineSettings.resolved picks), fp8 layers and their accumulation."""
     on_off = argparse.BooleanOptionalAction
     parser.add_argument(
         "--compile", action=on_off, default=None, help=f"torch.compile the DiT blocks ({FAST_DEFAULT})"
@@ -119,16 +118,12 @@ def add_fast_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the FFN's GELU in its GEMM's epilogue ({FAST_DEFAULT}, without --fp8)",
     )
-
-
-def add_fp8_arguments(parser: argparse.ArgumentParser) -> None:
-    """fp8 layers and their accumulation, shared by render and bench."""
     parser.add_argument(
         "--fp8", action="store_true", help="fp8 (e4m3, row-scaled) matmuls in the DiT (bf16, CUDA sm89+)"
     )
     parser.add_argument(
         "--fp8-fast-accum",
-        action=argparse.BooleanOptionalAction,
+        action=on_off,
         default=True,
         help="the fp8 GEMMs' fast accumulation (default: on; off sums as exactly as bf16 GEMMs do, "
         "10-14%% slower)",
@@ -211,7 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights-seed", type=int, default=0)
     bench.add_argument("--compare", choices=["plain"], default=None, help="also run the plain path")
     add_fast_arguments(bench)  # the fast path's (the plain path has none of them)
-    add_fp8_arguments(bench)
     bench.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
     bench.add_argument("--profile", action="store_true", help="profile one more chunk per path")
     bench.add_argument(

@@ -139,11 +139,12 @@ class EngineSettings:
             gelu_epilogue=fast and not self.fp8 if self.gelu_epilogue is None else self.gelu_epilogue,
             fp8_fast_accum=self.fp8 and self.fp8_fast_accum,  # what ran: no fp8 GEMMs, no fast accumulation
         )
-        settings._check(device.type)
+        settings._check()
         return settings
 
-    def _check(self, device: str) -> None:
+    def _check(self) -> None:
         """Raise ValueError where resolved settings contradict each other or the device."""
+        device = torch.device(self.device).type
         if self.fp8 and self.dtype != "bfloat16":
             raise ValueError(f"fp8 layers run in a bfloat16 model, not {self.dtype}")
         if self.attention in ("fa4", "fa3", "fp8") and (device != "cuda" or self.dtype != "bfloat16"):
