@@ -7,8 +7,9 @@ hands an idle process to the next task whatever GPU that task was given, while t
 stays on the GPU it was created on: two jobs could share a GPU, and a fresh process could load a second
 copy of the model beside an idle one. An actor holds its GPUs, and the CUDA_VISIBLE_DEVICES Ray set for
 them, for its whole life. So this runner starts one actor per `num_gpus` share of the cluster (Ray places
-them) and runs each Prefect task run in an idle actor through prefect-ray's own task entrypoint. Ray's
-retries are off (no actor restarts, no actor task retries): Prefect's retries are the only ones.
+them; at most `max_workers`, and no more than the cluster's CPUs hold at `num_cpus` each) and runs each
+Prefect task run in an idle actor through prefect-ray's own task entrypoint. Ray's retries are off (no
+actor restarts, no actor task retries): Prefect's retries are the only ones.
 
 `ray_head` starts a one-node cluster on this machine (logical GPUs where there are none): the scale-out
 measurement (flows/scaleout.py) and the tests run on it.

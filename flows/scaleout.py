@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=8, help="jobs in the manifest (default: 8)")
     parser.add_argument("--out", required=True, type=Path, help="output folder, new or empty")
     add_geometry_arguments(parser, frame_num=81)
-    add_engine_arguments(parser, model="lingbot-world-fast", device="cuda")
+    add_engine_arguments(parser, model="lingbot-world-fast", device="cuda", model_folders=False)
     args = parser.parse_args(argv)
     if not os.environ.get("PREFECT_API_URL"):
         parser.error(

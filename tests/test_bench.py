@@ -298,6 +298,10 @@ def test_bench_end_to_end_on_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     summary = json.loads((out / "bench.json").read_text())
     assert set(summary) == SUMMARY_KEYS
+    # The switches as they ran: a CPU runs no compile or Triton kernels, and no fp8 GEMMs to accumulate fast.
+    switches = ("compile", "triton_kernels", "gelu_epilogue", "fp8_fast_accum")
+    ran = {k: summary["settings"][k] for k in switches}
+    assert ran == dict.fromkeys(ran, False)
     assert summary["build"]["dit_parameters"] == sum(
         p.numel() for p in random_dit(TINY.dit, "cpu").parameters()
     )

@@ -122,6 +122,7 @@ class BenchSettings:
             compile=fast.compile,
             triton_kernels=fast.triton_kernels,
             gelu_epilogue=fast.gelu_epilogue,
+            fp8_fast_accum=fast.fp8_fast_accum,
         )
 
     @property

@@ -76,16 +76,18 @@ def _checkpoint_write(args: argparse.Namespace) -> int:
     return 0
 
 
-VAE_DTYPE_HELP = "float32|bfloat16 (default: bf16 on CUDA for the fast path, float32 otherwise)"
+VAE_DTYPE_HELP = "float32|bfloat16 (default: bf16 on CUDA, float32 on a CPU and on the bench's plain path)"
 # Spelled out rather than imported: `--help` needs no torch (tests keep it equal to ATTENTION_BACKENDS).
 ATTENTION_HELP = "auto|cudnn|flash|efficient|math|default|fa4|fa3|fp8"
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, model: str = "tiny", device: str = "cpu") -> None:
-    """The options of a render, shared by `worldgen render`, `python -m flows.render` and `flows.scaleout`."""
-    parser.add_argument(
-        "--model", default=model, help=f"preset name (random weights) or model folder (default: {model})"
-    )
+def add_engine_arguments(
+    parser: argparse.ArgumentParser, model: str = "tiny", device: str = "cpu", model_folders: bool = True
+) -> None:
+    """The options of a render, shared by `worldgen render`, `python -m flows.render` and `flows.scaleout`
+    (which renders presets only: `model_folders=False`)."""
+    models = "preset name (random weights)" + (" or model folder" if model_folders else "")
+    parser.add_argument("--model", default=model, help=f"{models} (default: {model})")
     parser.add_argument("--device", default=device, help=f"cpu, cuda or cuda:N (default: {device})")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else f32)")
     parser.add_argument("--vae-dtype", default=None, help=VAE_DTYPE_HELP)
@@ -119,7 +121,10 @@ def add_fast_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the FFN's GELU in its GEMM's epilogue ({FAST_DEFAULT}, without --fp8)",
     )
     parser.add_argument(
-        "--fp8", action="store_true", help="fp8 (e4m3, row-scaled) matmuls in the DiT (bf16, CUDA sm89+)"
+        "--fp8",
+        action="store_true",
+        help="fp8 (e4m3, row-scaled) matmuls in the DiT (bf16 model; e4m3 kernels on CUDA sm89+, else "
+        "emulated)",
     )
     parser.add_argument(
         "--fp8-fast-accum",
@@ -206,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights-seed", type=int, default=0)
     bench.add_argument("--compare", choices=["plain"], default=None, help="also run the plain path")
     add_fast_arguments(bench)  # the fast path's (the plain path has none of them)
-    bench.add_argument("--overlap", action="store_true", help="decode each chunk during the next one's DiT")
+    bench.add_argument(
+        "--overlap",
+        action="store_true",
+        help="decode each chunk during the next one's DiT (on CUDA with --no-sync-check)",
+    )
     bench.add_argument("--profile", action="store_true", help="profile one more chunk per path")
     bench.add_argument(
         "--sync-check",

@@ -26,7 +26,8 @@ Public API (what the generator calls)::
 - Plain path (the benchmark yardstick): pass the raw `context` tensor and/or the raw control tensor
   instead of the prepared states; the forward then recomputes the text embedding, every block's text K/V,
   the control tokens and every block's camera modulation inside the pass. Outputs are identical.
-- Fast-path kernels (off by default; the generator's `--triton-kernels` / `--gelu-epilogue`):
+- Fast-path kernels (off on the model; the generator turns them on for a bf16 model on CUDA, or as its
+  `--triton-kernels` / `--gelu-epilogue` say):
   `model.triton_kernels = True` runs the cached passes' q/k RMSNorm + RoPE as one Triton kernel on CUDA
   that writes the keys straight into the cache, and, with fp8 layers (worldgen/quant.py), quantises each
   fp8 layer's input in one kernel fused with the LayerNorm + modulation, affine LayerNorm or GELU before
