@@ -36,7 +36,15 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows import exit_status
 from worldgen.cli import add_engine_arguments, engine_options
 from worldgen.config import job_from_dict, job_to_dict
-from worldgen.generator import EngineSettings, JobInputError, generator_loads, shared_generator
+from worldgen.generator import (
+    Chunk,
+    EngineSettings,
+    JobInputError,
+    check_control_modes,
+    generator_loads,
+    model_preset,
+    shared_generator,
+)
 from worldgen.manifest import load_manifest
 from worldgen.render import PROMPT_CACHE, finished_result, render_job
 
@@ -65,11 +73,22 @@ def render_job_task(
 ) -> dict[str, Any]:
     started_at = datetime.now(UTC).isoformat()
     settings, job_to_render = EngineSettings(**engine), job_from_dict(job)
+    logger = get_run_logger()
+
+    def log_chunk(chunk: Chunk, num_chunks: int) -> None:
+        seconds = chunk.seconds["generate_next_chunk"]
+        logger.info("%s: chunk %d of %d (%.2f s)", job["job_id"], chunk.index + 1, num_chunks, seconds)
+
     # A finished job is skipped before any model is loaded.
-    result = finished_result(job_to_render, Path(out_dir), settings) or render_job(
-        shared_generator(settings), job_to_render, Path(out_dir), write_video=write_video, progress=False
+    result = finished_result(job_to_render, Path(out_dir), settings, write_video) or render_job(
+        shared_generator(settings),
+        job_to_render,
+        Path(out_dir),
+        write_video=write_video,
+        progress=False,
+        on_chunk=log_chunk,
     )
-    get_run_logger().info("%s: %s", result["job_id"], result["status"])
+    logger.info("%s: %s", result["job_id"], result["status"])
     return {**result, **_worker_record(started_at)}
 
 
@@ -117,7 +136,11 @@ def render_jobs(
     progress = create_progress_artifact(progress=0.0, description=f"{len(jobs)} jobs from {manifest}")
     # A task like the renders, so that on Ray the text encoder runs on a worker, not on the flow's machine.
     settings = EngineSettings(**engine)
-    left = [job["prompt"] for job in jobs if not finished_result(job_from_dict(job), Path(out_dir), settings)]
+    left = [
+        job["prompt"]
+        for job in jobs
+        if not finished_result(job_from_dict(job), Path(out_dir), settings, write_video)
+    ]
     if left:  # a batch with nothing left to render loads no model at all
         embed_prompts_task.submit(left, out_dir, engine).result()
     futures = [render_job_task.submit(job, out_dir, engine, write_video) for job in jobs]
@@ -231,6 +254,7 @@ def render_manifest(
         gelu_epilogue=gelu_epilogue,
         overlap=overlap,
     ).resolved()
+    check_control_modes(jobs, model_preset(engine.model))  # no task starts while a job cannot run
     batch = {
         "manifest": manifest,
         "jobs": [job_to_dict(job) for job in jobs],

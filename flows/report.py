@@ -3,7 +3,8 @@
     python -m flows.report out/demo
 
 Writes `report.parquet` (one row per job), `report.md` (the table) and `report.png` (per-chunk and
-steady-state stage seconds) into the folder, and publishes the table and the markdown as artifacts.
+steady-state stage seconds) into the folder, and publishes the table and the markdown as artifacts. Timing
+files that do not read are left out; the markdown and the table artifact's description list them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from worldgen.timing import DEFAULT_WARMUP_CHUNKS, atomic_output
 
 @flow(name="timing-report", log_prints=True)
 def timing_report(out_dir: str, warmup_chunks: int = DEFAULT_WARMUP_CHUNKS) -> dict[str, Any]:
-    """Summarise every job's timings under `out_dir`; returns the paths written."""
+    """Summarise every job's timings under `out_dir`; returns the paths written and the files skipped."""
     folder = Path(out_dir)
     report = build_report(folder, plot_path=folder / "report.png", warmup_chunks=warmup_chunks, markdown=True)
     table = summary_table(report.jobs)
@@ -33,7 +34,9 @@ def timing_report(out_dir: str, warmup_chunks: int = DEFAULT_WARMUP_CHUNKS) -> d
     markdown = f"# worldgen timing report\n\n{report.table}\n\nPlot: `{report.plot}`\n"
     with atomic_output(folder / "report.md") as temp:
         temp.write_text(markdown)
-    create_table_artifact(table=table.to_pylist(), key="worldgen-timing-report", description=str(folder))
+    skipped = [str(file.path) for file in report.skipped]
+    description = f"{folder} (skipped: {', '.join(skipped)})" if skipped else str(folder)
+    create_table_artifact(table=table.to_pylist(), key="worldgen-timing-report", description=description)
     create_markdown_artifact(markdown=markdown, key="worldgen-timing-report-md")
     print(report.table)
     return {
@@ -41,6 +44,7 @@ def timing_report(out_dir: str, warmup_chunks: int = DEFAULT_WARMUP_CHUNKS) -> d
         "parquet": str(folder / "report.parquet"),
         "markdown": str(folder / "report.md"),
         "plot": str(report.plot),
+        "skipped": skipped,
     }
 
 

@@ -369,6 +369,16 @@ def test_a_failed_sync_check_is_reported_and_the_run_still_finishes(
     assert modes[-1] == "default"
 
 
+def test_settings_that_cannot_run_are_refused_before_any_model_is_built(tmp_path: Path, capsys) -> None:
+    assert main(["bench", *TINY_ARGS, "--sync-check", "--out", str(tmp_path)]) == 2
+    assert "--sync-check is CUDA's sync debug mode, not for --device cpu" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    for size in ({"height": 24}, {"width": 0}):
+        ((side, value),) = size.items()
+        with pytest.raises(ValueError, match=f"--{side} {value} is not a positive multiple of 16"):
+            BenchSettings(out=tmp_path, device="cpu", **size).resolved()
+
+
 def test_bad_chunk_counts_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--chunks 9, but the video has 4 chunks"):
         run_bench(BenchSettings(out=tmp_path, chunks=9, **TINY_SETTINGS))

@@ -22,6 +22,7 @@ from prefect.states import Completed, Failed
 from flows import exit_status
 from flows.render import render_manifest
 from flows.report import timing_report
+from worldgen.generator import JobInputError
 from worldgen.render import MARKER, TIMINGS, VIDEO
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,16 +77,35 @@ def test_artifacts_are_published(tmp_path):
         assert artifacts and "artifacts" in str(artifacts[0].data)
 
 
-def test_a_failing_job_is_reported_and_the_others_complete(tmp_path):
-    # Actions on a camera model: the manifest is valid, the job cannot render (and is not retried).
-    bad = job_row("bad", actions=str(ASSETS / "actions.npy"))
-    manifest = write_manifest(tmp_path / "jobs.jsonl", [bad, job_row("good")])
+def test_a_failing_job_is_reported_and_the_others_complete(tmp_path, monkeypatch):
+    import flows.render
+
+    real, tries = flows.render.render_job, []
+
+    def bad_input_in_bad(generator, job, *args, **kwargs):
+        if job.job_id == "bad":
+            tries.append(job.job_id)
+            raise JobInputError("job bad: its image went missing after the manifest was checked")
+        return real(generator, job, *args, **kwargs)
+
+    monkeypatch.setattr(flows.render, "render_job", bad_input_in_bad)
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [job_row("bad"), job_row("good")])
     out = tmp_path / "out"
     state = render_manifest(str(manifest), str(out), return_state=True)
     assert state.is_failed()
     assert "1 of 2 jobs failed: bad" in state.message
+    assert tries == ["bad"]  # bad input fails the same way every time: not retried
     assert_finished(out / "good", frames=9)
     assert not (out / "bad" / MARKER).exists()
+
+
+def test_a_job_the_model_cannot_render_stops_the_batch_before_it_starts(tmp_path):
+    # Key presses for a camera model: the manifest is valid, but the model cannot take that job.
+    bad = job_row("bad", actions=str(ASSETS / "actions.npy"))
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [job_row("good"), bad])
+    state = render_manifest(str(manifest), str(tmp_path / "out"), return_state=True)
+    assert state.is_failed() and "job bad: `actions` given, but model tiny takes the camera" in state.message
+    assert not (tmp_path / "out").exists()
 
 
 def test_transient_failures_are_retried(tmp_path, monkeypatch):

@@ -5,14 +5,20 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from helpers import ASSETS, job_row
 
-from worldgen.checkpoints import write_checkpoint
+from worldgen.checkpoints import CheckpointError, write_checkpoint
 from worldgen.cli import main as cli_main
 from worldgen.config import Job
 from worldgen.control import video_frame_count
@@ -21,7 +27,10 @@ from worldgen.generator import (
     EngineSettings,
     JobInputError,
     Runtime,
+    check_control_modes,
+    control_mode_problem,
     generator_loads,
+    model_preset,
     shared_generator,
 )
 from worldgen.quant import Fp8Linear
@@ -107,10 +116,12 @@ def test_cache_memory_is_flat_as_the_video_grows(generator):
 
 
 def test_render_writes_video_timings_and_marker(generator, tmp_path):
-    job = tiny_job(frame_num=17)
-    result = render_job(generator, job, tmp_path, progress=False)
+    job, written = tiny_job(frame_num=17), []
+    result = render_job(
+        generator, job, tmp_path, progress=False, on_chunk=lambda c, n: written.append((c.index, n))
+    )
     job_dir = tmp_path / "tiny"
-    assert result["status"] == "rendered" and result["chunks"] == 2
+    assert result["status"] == "rendered" and result["chunks"] == 2 and written == [(0, 2), (1, 2)]
     frames, _ = imageio_ffmpeg.count_frames_and_secs(str(job_dir / VIDEO))
     assert frames == video_frame_count(4) == 13
     reader = imageio_ffmpeg.read_frames(str(job_dir / VIDEO))
@@ -139,8 +150,10 @@ def test_rerun_skips_and_changed_settings_rerender(generator, tmp_path):
     assert render_job(generator, tiny_job(seed=4), tmp_path, progress=False)["status"] == "rendered"
 
 
-def test_failure_mid_video_leaves_no_video_and_no_marker(generator, tmp_path, monkeypatch):
+def test_a_failed_rerender_leaves_the_finished_render_whole(generator, tmp_path, monkeypatch):
     render_job(generator, tiny_job(), tmp_path, progress=False)  # a finished earlier version of the job
+    job_dir = tmp_path / "tiny"
+    before = {name: (job_dir / name).read_bytes() for name in (MARKER, VIDEO, TIMINGS)}
     real = Runtime.generate_next_chunk
 
     def fail_on_second_chunk(self):
@@ -149,14 +162,59 @@ def test_failure_mid_video_leaves_no_video_and_no_marker(generator, tmp_path, mo
         return real(self)
 
     monkeypatch.setattr(Runtime, "generate_next_chunk", fail_on_second_chunk)
-    with pytest.raises(RuntimeError, match="device lost"):
-        render_job(generator, tiny_job(seed=5), tmp_path, progress=False)
-    job_dir = tmp_path / "tiny"
-    # The old marker was removed before re-rendering, and the new video never reached its final name.
-    assert not (job_dir / MARKER).exists()
-    assert not [p.name for p in job_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    for changed in ({"job": tiny_job(seed=5)}, {"job": tiny_job(), "force": True}):
+        with pytest.raises(RuntimeError, match="device lost"):
+            render_job(generator, progress=False, out_dir=tmp_path, **changed)
+        # The new video never reached its final name, and the old render is still the finished one.
+        assert {name: (job_dir / name).read_bytes() for name in before} == before
+        assert not [p.name for p in job_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
     monkeypatch.undo()
+    assert render_job(generator, tiny_job(), tmp_path, progress=False)["status"] == "skipped"
     assert render_job(generator, tiny_job(seed=5), tmp_path, progress=False)["status"] == "rendered"
+
+
+def test_a_render_without_video_counts_only_for_runs_without_video(generator, tmp_path):
+    job, job_dir = tiny_job(), tmp_path / "tiny"
+    assert render_job(generator, job, tmp_path, write_video=False, progress=False)["status"] == "rendered"
+    assert finished_result(job, tmp_path, generator.settings, write_video=True) is None
+    with_video = render_job(generator, job, tmp_path, progress=False)
+    assert with_video["status"] == "rendered" and Path(with_video["video"]) == job_dir / VIDEO
+    assert render_job(generator, job, tmp_path, write_video=False, progress=False)["status"] == "skipped"
+    # A forced re-render without video takes the old one away: no file of another render stays behind.
+    assert (
+        render_job(generator, job, tmp_path, write_video=False, force=True, progress=False)["video"] is None
+    )
+    assert not (job_dir / VIDEO).exists()
+    assert json.loads((job_dir / MARKER).read_text())["outputs"] == [TIMINGS]
+
+
+def test_outputs_are_readable_as_the_umask_says_and_stale_temps_go(generator, tmp_path):
+    job_dir = tmp_path / "tiny"
+    job_dir.mkdir()
+    stale = [job_dir / ".video.mp4.killed.tmp", job_dir / ".job.json.killed.tmp"]
+    for temp in stale:
+        temp.write_bytes(b"left by a killed run")
+    render_job(generator, tiny_job(), tmp_path, progress=False)
+    assert not any(temp.exists() for temp in stale)
+    stale[0].write_bytes(b"left by a killed forced re-render")
+    assert render_job(generator, tiny_job(), tmp_path, progress=False)["status"] == "skipped"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (VIDEO, TIMINGS, MARKER):
+        assert stat.S_IMODE((job_dir / name).stat().st_mode) == 0o666 & ~umask
+    assert not any(temp.exists() for temp in stale)
+
+
+def test_results_name_the_output_folder_as_given_not_as_first_rendered(generator, tmp_path):
+    render_job(generator, tiny_job(), tmp_path / "first", progress=False)
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")
+    skipped = render_job(generator, tiny_job(), tmp_path / "moved", progress=False)
+    assert skipped["status"] == "skipped"
+    assert (skipped["job_dir"], skipped["video"]) == (
+        str(tmp_path / "moved" / "tiny"),
+        str(tmp_path / "moved" / "tiny" / VIDEO),
+    )
+    assert "first" not in (tmp_path / "moved" / "tiny" / MARKER).read_text()
 
 
 def test_a_failure_before_the_first_frame_leaves_no_video(generator, tmp_path):
@@ -165,9 +223,32 @@ def test_a_failure_before_the_first_frame_leaves_no_video(generator, tmp_path):
     assert not (tmp_path / "tiny" / VIDEO).exists() and not (tmp_path / "tiny" / MARKER).exists()
 
 
-def test_the_control_mode_must_match_the_model(generator):
+def test_the_control_mode_must_match_the_model(generator, tmp_path):
+    keys = str(ASSETS / "actions.npy")
     with pytest.raises(JobInputError, match="takes the camera"):
-        generator.create_runtime(tiny_job(actions=str(ASSETS / "actions.npy")))
+        generator.create_runtime(tiny_job(actions=keys))
+    # A batch is checked up front, every job named, with no model loaded (a folder's preset from its shapes).
+    write_checkpoint("tiny", tmp_path / "model", seed=0, num_shards=1)
+    assert model_preset(str(tmp_path / "model")) == model_preset("tiny") == generator.preset
+    batch = [tiny_job(job_id="a", actions=keys), tiny_job(), tiny_job(job_id="b", actions=keys)]
+    with pytest.raises(JobInputError, match=r"^job a: .* takes the camera\njob b: .* takes the camera$"):
+        check_control_modes(batch, generator.preset)
+    assert control_mode_problem(tiny_job(), model_preset("lingbot-world-fast-act")) == (
+        "job tiny: model lingbot-world-fast-act needs `actions`"
+    )
+
+
+def test_a_dit_of_no_preset_is_refused_naming_the_tensor(tmp_path):
+    files = write_checkpoint("tiny", tmp_path / "model", seed=0, num_shards=1)
+    (shard,) = sorted(files.dit.parent.glob("*.safetensors"))
+    tensors = safetensors.torch.load_file(shard)
+    name = next(name for name in tensors if name.endswith("ffn.0.weight"))
+    tensors[name] = tensors[name][:-1]  # one row short
+    safetensors.torch.save_file(tensors, shard)
+    with pytest.raises(
+        CheckpointError, match=rf"the tiny DiT \(the closest preset\):\n  {re.escape(name)} in "
+    ):
+        model_preset(str(tmp_path / "model"))
 
 
 def test_plain_path_matches_the_fast_path():
@@ -189,6 +270,49 @@ def test_cli_renders_a_manifest_and_reports(tmp_path, capsys):
     assert cli_main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "cli-job" in printed and (out / "timings.png").is_file()
+
+
+def test_cli_renders_the_other_jobs_when_one_fails(tmp_path, capsys, monkeypatch):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps(job_row(name)) + "\n" for name in ("first", "broken", "last")))
+    real = Runtime.generate_next_chunk
+
+    def device_lost_in_broken(self):
+        if self.job.job_id == "broken":
+            raise RuntimeError("device lost")
+        return real(self)
+
+    monkeypatch.setattr(Runtime, "generate_next_chunk", device_lost_in_broken)
+    out = tmp_path / "out"
+    assert cli_main(["render", "--manifest", str(manifest), "--out", str(out), "--no-write-video"]) == 1
+    assert (out / "first" / MARKER).is_file() and (out / "last" / MARKER).is_file()
+    assert not (out / "broken" / MARKER).exists()
+    printed = capsys.readouterr()
+    assert "RuntimeError: device lost" in printed.err  # the traceback of what was not an input error
+    assert "broken: failed: device lost" in printed.err and "1 of 3 jobs failed: broken" in printed.err
+
+
+def test_cli_refuses_what_cannot_run_before_rendering_anything(tmp_path, capsys):
+    manifest = tmp_path / "jobs.jsonl"
+    keys = job_row("keys", actions=str(ASSETS / "actions.npy"))
+    manifest.write_text(json.dumps(job_row("camera")) + "\n" + json.dumps(keys) + "\n")
+    out = tmp_path / "out"
+    render = ["render", "--manifest", str(manifest), "--out", str(out)]
+    assert cli_main(render) == 2  # the camera model cannot take the key presses of one job: none renders
+    assert "job keys: `actions` given, but model tiny takes the camera" in capsys.readouterr().err
+    assert not out.exists()
+    manifest.write_text(json.dumps(job_row("camera")) + "\n")
+    refusals = [([*render, "--attention", "cudnn"], "attention 'cudnn' is a CUDA kernel")]
+    if not torch.cuda.is_available():
+        refusals.append(([*render, "--device", "cuda"], "device cuda, but this machine has no CUDA device"))
+    (tmp_path / "file").write_text("")
+    refusals.append(([*render[:-1], str(tmp_path / "file")], "not a folder"))
+    refusals.append((["report", str(tmp_path / "empty")], "empty"))
+    for argv, message in refusals:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("worldgen: error: ") and message in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_one_shared_generator_renders_into_every_output_folder(tmp_path, monkeypatch):
@@ -252,7 +376,7 @@ def test_fast_path_switches_default_on_for_bf16_on_cuda():
     assert render_settings_hash(job, EngineSettings(device="cuda")) == render_settings_hash(job, all_off)
 
 
-def test_fast_path_switches_are_checked_and_recorded(tmp_path):
+def test_fast_path_switches_are_checked_and_recorded(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="fp8 layers run in a bfloat16 model"):
         EngineSettings(fp8=True).resolved()  # a CPU defaults to float32
     with pytest.raises(ValueError, match="plain path"):
@@ -262,12 +386,22 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
     for backend in ("fa3", "fp8"):
         with pytest.raises(ValueError, match=f"'{backend}' runs a bfloat16 model on CUDA, not float32 on"):
             EngineSettings(attention=backend).resolved()
-    if not torch.cuda.is_available():  # a CUDA device that is not there has no FlashAttention-3
+    if not torch.cuda.is_available():
         assert EngineSettings(device="cuda", attention="fp8").resolved().dtype == "bfloat16"  # no GPU asked
+        with pytest.raises(ValueError, match=r"device cuda:1, but this machine has no CUDA device"):
+            ChunkedGenerator(EngineSettings(device="cuda:1"))
+        # Past that check (as on a machine with one GPU), what the settings need is checked before any load.
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        # A CUDA device that is not there has no FlashAttention-3.
         with pytest.raises(ValueError, match=r"'fp8' runs FlashAttention-3 \(pip install 'worldgen\[fa3\]"):
             ChunkedGenerator(
                 EngineSettings(device="cuda", attention="fp8", compile=False, triton_kernels=False)
             )
+    for device in ("mps", "meta"):
+        with pytest.raises(ValueError, match=f"device must be cpu, cuda or cuda:N, got '{device}'"):
+            EngineSettings(device=device).resolved()
+    with pytest.raises(ValueError, match="attention 'cudnn' is a CUDA kernel; on cpu, use auto"):
+        EngineSettings(attention="cudnn").resolved()
     with pytest.raises(ValueError, match="unknown attention backend 'fa2'"):
         EngineSettings(attention="fa2").resolved()
     with pytest.raises(ValueError, match="gelu_epilogue: CUDA kernels, but the device is cpu"):
@@ -290,6 +424,7 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path):
             ChunkedGenerator(EngineSettings(device="cuda", compile=False))
     with pytest.raises(ValueError, match="no fused kernels"):
         EngineSettings(device="cuda", plain=True, gelu_epilogue=True).resolved()
+    monkeypatch.undo()
     fp8 = ChunkedGenerator(EngineSettings(model="tiny", dtype="bfloat16", fp8=True, fp8_fast_accum=False))
     layers = [module for module in fp8.dit.modules() if isinstance(module, Fp8Linear)]
     assert layers and not any(layer.fast_accum for layer in layers)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from worldgen.manifest import ManifestError, load_manifest
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 ASSETS = MANIFESTS / "assets"
 DROP = object()  # an override that removes the key from the row
+INT32_BOUND = "must be <= 2147483647 (timing rows store it as int32)"
 
 GOOD = {
     "job_id": "good",
@@ -47,7 +49,24 @@ def folder(tmp_path: Path) -> Path:
     np.save(tmp_path / "intrinsics3.npy", np.full((5, 3), 500.0))
     np.save(tmp_path / "short_actions.npy", np.load(ASSETS / "actions.npy")[:10])
     np.savez(tmp_path / "archive.npz", poses=poses)
+    png = (ASSETS / "image.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(png[:400])  # a whole header, then the pixels stop
+    (tmp_path / "broken.png").write_bytes(broken_png(png))
     return tmp_path.resolve()
+
+
+def broken_png(png: bytes) -> bytes:
+    """The PNG with its pixel data split over two chunks, the second under a name no chunk may have."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    start = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[start : start + 4], "big")
+    pixels = png[start + 8 : start + 8 + length]
+    return (
+        png[:start] + chunk(b"IDAT", pixels[:100]) + chunk(b"ID-T", pixels[100:]) + png[start + 12 + length :]
+    )
 
 
 def write_jsonl(path: Path, *rows: dict | str) -> Path:
@@ -88,6 +107,16 @@ BAD_JSONL_ROWS = [
         {"image": "poses.npy"},
         ["image: cannot read {dir}/poses.npy as an image (cannot identify image file '{dir}/poses.npy')"],
         id="unreadable-image",
+    ),
+    pytest.param(
+        {"image": "truncated.png"},
+        ["image: cannot read {dir}/truncated.png as an image (image file is truncated)"],
+        id="truncated-image",
+    ),
+    pytest.param(
+        {"image": "broken.png"},
+        ["image: cannot read {dir}/broken.png as an image (broken PNG file (chunk b'ID-T'))"],
+        id="broken-image",
     ),
     pytest.param({"poses": "nope.npy"}, ["poses: no such file: {dir}/nope.npy"], id="missing-poses"),
     pytest.param(
@@ -171,6 +200,22 @@ BAD_JSONL_ROWS = [
         id="negative-window",
     ),
     pytest.param({"sink_size": -1}, ["sink_size: must be >= 0, got -1"], id="negative-sink"),
+    pytest.param(
+        {"local_attn_size": 2**31}, [f"local_attn_size: {INT32_BOUND}, got 2147483648"], id="huge-window"
+    ),
+    pytest.param(
+        {"local_attn_size": -1, "sink_size": 2**31},
+        [f"sink_size: {INT32_BOUND}, got 2147483648"],
+        id="huge-sink",
+    ),
+    pytest.param(
+        {"max_area": 10**30},
+        [
+            "max_area: 1000000000000000000000000000000 gives the 208x120 image a "
+            "1316561177208752x759554525312736 video: a side would be over 2147483647 pixels"
+        ],
+        id="huge-max-area",
+    ),
     pytest.param({"chunk_size": 0}, ["chunk_size: must be >= 1, got 0"], id="empty-chunk"),
     pytest.param({"max_area": -5}, ["max_area: must be >= 1, got -5"], id="negative-area"),
     pytest.param({"seed": -1}, ["seed: must be in [0, 2**63), got -1"], id="negative-seed"),
@@ -368,6 +413,11 @@ BAD_YAML = [
         id="jobs-not-a-list",
     ),
     pytest.param(
+        '- job_id: a\n  prompt: "p\x01"\n',
+        ["2: yaml: unacceptable character #x0001 at column 13: special characters are not allowed"],
+        id="control-character",
+    ),
+    pytest.param(
         "defaults: {prompt: p}\n", ["1: jobs: missing: a list of jobs under `jobs:`"], id="no-jobs-key"
     ),
     pytest.param("just text\n", ["1: jobs: expected a list of jobs"], id="scalar"),
@@ -420,7 +470,93 @@ def test_unusable_manifest_file(folder: Path, name: str, reason: str):
     assert str(caught.value) == f"{path}:1: manifest: {reason.format(path=path)}"
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        pytest.param(
+            "jobs.jsonl",
+            json.dumps(GOOD).encode() + b"\n\n# caf\xc3\xa9 \xff\n",
+            "3: manifest: cannot read the file as UTF-8: invalid start byte 0xff at column 8",
+            id="jsonl",
+        ),
+        pytest.param(
+            "jobs.yaml",
+            b"\xef\xbb\xbf- job_id: \xe2\x82\n",
+            "1: manifest: cannot read the file as UTF-8: invalid continuation byte 0xe2 0x82 at column 11",
+            id="yaml-after-a-bom",
+        ),
+    ],
+)
+def test_bytes_that_are_not_utf8_are_reported_at_their_line(
+    folder: Path, name: str, content: bytes, expected: str
+):
+    manifest = folder / name
+    manifest.write_bytes(content)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(manifest)
+    assert str(caught.value) == f"{manifest}:{expected}"
+
+
+@pytest.mark.parametrize(
+    "field", ["height", "width", "frame_num", "chunk_size", "local_attn_size", "sink_size"]
+)
+def test_fields_of_int32_timing_columns_are_bounded(folder: Path, field: str):
+    def int32_problems(value: int) -> list[str]:
+        manifest = write_jsonl(folder / "jobs.jsonl", {**GOOD, "height": 96, "width": 160, field: value})
+        try:
+            load_manifest(manifest)
+        except ManifestError as error:  # other checks reject most such rows too (poses too short, ...)
+            return [line for line in str(error).splitlines() if INT32_BOUND in line]
+        return []
+
+    assert int32_problems(2**31) == [f"{folder}/jobs.jsonl:1: {field}: {INT32_BOUND}, got 2147483648"]
+    assert int32_problems(2**31 - 1) == []
+
+
+def test_image_beyond_the_pixel_limit_of_pil_is_reported(folder: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    manifest = write_jsonl(folder / "jobs.jsonl", GOOD)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(manifest)
+    reason = "Image size (24960 pixels) exceeds limit of 2000 pixels, could be decompression bomb DOS attack."
+    assert str(caught.value) == f"{manifest}:1: image: cannot read {folder}/image.png as an image ({reason})"
+
+
+def test_each_image_is_decoded_once_until_it_changes(folder: Path, monkeypatch: pytest.MonkeyPatch):
+    opened: list[str] = []
+    open_image = Image.open
+
+    def counting_open(path: str, *args, **kwargs) -> Image.Image:
+        opened.append(Path(path).name)
+        return open_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    shutil.copy(folder / "image.png", folder / "other.png")
+    rows = [
+        {**GOOD, "job_id": f"job{i}", "image": image}
+        for i, image in enumerate(["image.png"] * 3 + ["other.png"])
+    ]
+    manifest = write_jsonl(folder / "jobs.jsonl", *rows)
+    assert len(load_manifest(manifest)) == 4
+    assert sorted(opened) == ["image.png", "other.png"]
+    (folder / "image.png").write_bytes((folder / "truncated.png").read_bytes())
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(manifest)
+    assert [(error.line, error.field) for error in caught.value.errors] == [
+        (1, "image"),
+        (2, "image"),
+        (3, "image"),
+    ]
+    assert sorted(opened) == ["image.png", "image.png", "other.png"]
+
+
 # -------------------------------------------------------------------------------------------- good input
+
+
+def test_window_longer_than_the_video_loads(folder: Path):
+    """Such a window never slides: the engine renders it as the whole video, in the video's memory."""
+    (job,) = load_manifest(write_jsonl(folder / "jobs.jsonl", {**GOOD, "local_attn_size": 2**31 - 1}))
+    assert job.local_attn_size == 2**31 - 1
 
 
 def test_jsonl_loads_jobs_with_paths_resolved_against_the_manifest(folder: Path):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 
+from flows.report import timing_report
 from worldgen.report import build_report, format_table, load_timings, summarize_jobs
 from worldgen.timing import ChunkTiming, RunInfo, TimingLog
 
@@ -59,13 +64,15 @@ def render_folder(tmp_path):
 
 
 def test_all_timing_files_are_read_as_one_table(render_folder):
-    table = load_timings(render_folder)
+    timings = load_timings(render_folder)
+    assert timings.skipped == []
+    table = timings.rows
     assert table.num_rows == 8
     assert sorted(set(table["job_id"].to_pylist())) == ["job-a", "job-b", "job-c"]
 
 
 def test_per_job_summaries(render_folder):
-    jobs = summarize_jobs(load_timings(render_folder))
+    jobs = summarize_jobs(load_timings(render_folder).rows)
     assert [job.job_id for job in jobs] == ["job-a", "job-b", "job-c"]
     a, b, c = (job.summary for job in jobs)
     assert (a.chunks, a.warmup_skipped, b.chunks, b.warmup_skipped) == (4, 1, 3, 1)
@@ -106,14 +113,85 @@ def test_markdown_table_and_custom_plot_path(render_folder, tmp_path):
     assert format_table(report.jobs, markdown=True) == report.table
 
 
-def test_missing_empty_or_foreign_inputs_are_named(tmp_path, render_folder):
+def test_missing_or_empty_folders_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         load_timings(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty: no timings\.parquet files"):
         build_report(tmp_path / "empty")
-    foreign = pq.read_table(render_folder / "job-a" / "timings.parquet").drop_columns(["host"])
-    (render_folder / "job-d").mkdir()
-    pq.write_table(foreign, render_folder / "job-d" / "timings.parquet")
-    with pytest.raises(ValueError, match=r"job-d/timings\.parquet: .*missing column 'host'"):
-        load_timings(render_folder)
+
+
+def damage_timing_files(folder, valid) -> dict[str, str]:
+    """Four jobs under `folder` whose timing files (made from the `valid` one) are no use, each with what the
+    report should say about it."""
+    data = valid.read_bytes()
+    footer = pq.read_metadata(valid).serialized_size + 8  # the metadata, its length and the magic bytes
+    damaged = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "corrupt-pages": data[:4] + b"\xab" * (len(data) - 4 - footer) + data[-footer:],
+    }
+    for job_id, content in damaged.items():
+        (folder / job_id).mkdir(parents=True)
+        (folder / job_id / "timings.parquet").write_bytes(content)
+    (folder / "foreign").mkdir()
+    pq.write_table(pq.read_table(valid).drop_columns(["host"]), folder / "foreign" / "timings.parquet")
+    return {
+        "corrupt-pages": "deserialize",
+        "empty": "Parquet file size is 0 bytes",
+        "foreign": "not a worldgen timing table: missing column 'host'",
+        "truncated": "magic bytes not found",
+    }
+
+
+def test_unreadable_or_foreign_timing_files_are_skipped_and_listed(render_folder):
+    reasons = damage_timing_files(render_folder, render_folder / "job-a" / "timings.parquet")
+    with pytest.warns(UserWarning) as warned:
+        report = build_report(render_folder)
+    assert [job.job_id for job in report.jobs] == ["job-a", "job-b", "job-c"]
+    assert [file.path for file in report.skipped] == [render_folder / j / "timings.parquet" for j in reasons]
+    for file, reason in zip(report.skipped, reasons.values(), strict=True):
+        assert reason in file.reason and str(file.path) not in file.reason  # the path is given once
+        assert f"skipped {file.path}: {file.reason}" in [str(w.message) for w in warned]
+    footnote = report.table.splitlines()[-5:]
+    assert footnote == ["skipped 4 timing file(s):", *(f"- {f.path}: {f.reason}" for f in report.skipped)]
+    assert report.plot.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_no_readable_timing_file_is_an_error_naming_the_folder_and_the_files(tmp_path, render_folder):
+    damage_timing_files(tmp_path / "bad", render_folder / "job-a" / "timings.parquet")
+    message = re.escape(f"{tmp_path / 'bad'}: no readable timings.parquet under it; skipped ")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=message) as raised:
+        build_report(tmp_path / "bad")
+    for job_id in ("corrupt-pages", "empty", "foreign", "truncated"):
+        assert f"{tmp_path / 'bad' / job_id / 'timings.parquet'} (" in str(raised.value)
+
+
+def test_the_plot_folder_is_created(render_folder, tmp_path):
+    report = build_report(render_folder, plot_path=tmp_path / "new" / "folder" / "plot.png")
+    assert report.plot == tmp_path / "new" / "folder" / "plot.png"
+    assert report.plot.read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_report_flow_lists_the_skipped_files(render_folder):
+    damage_timing_files(render_folder, render_folder / "job-a" / "timings.parquet")
+    with pytest.warns(UserWarning):
+        result = timing_report(str(render_folder))
+    assert result["jobs"] == 3
+    skipped = [
+        str(render_folder / j / "timings.parquet") for j in ("corrupt-pages", "empty", "foreign", "truncated")
+    ]
+    assert result["skipped"] == skipped
+    markdown = (render_folder / "report.md").read_text()
+    assert "skipped 4 timing file(s):" in markdown
+    assert all(f"- {path}: " in markdown for path in skipped)
+    assert pq.read_table(render_folder / "report.parquet").num_rows == 3
+
+    async def table_artifact():
+        async with get_client() as client:
+            key = ArtifactCollectionFilterKey(any_=["worldgen-timing-report"])
+            return await client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(key=key))
+
+    latest = asyncio.run(table_artifact())[0]
+    assert latest.description == f"{render_folder} (skipped: {', '.join(skipped)})"

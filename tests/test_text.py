@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from worldgen.checkpoints import (
     TEXT_ENCODER_FILE,
     TOKENIZER_DIR,
     TOKENIZER_FILE,
     ModelFiles,
-    atomic_write,
     build_on_meta,
     build_tokenizer,
     load_checkpoint,
@@ -24,6 +25,7 @@ from worldgen.checkpoints import (
     text_encoder_identity,
 )
 from worldgen.config import PRESETS, TextConfig
+from worldgen.files import atomic_output
 from worldgen.models.text import (
     PromptEmbeddingCache,
     PromptTokenizer,
@@ -142,7 +144,7 @@ def write_text_encoder(folder: Path, seed: int) -> tuple[Path, Path]:
     checkpoint = folder / TEXT_ENCODER_FILE
     save_pth({name: t.to(torch.bfloat16) for name, t in UMT5Encoder(TINY).state_dict().items()}, checkpoint)
     tokenizer = folder / TOKENIZER_DIR / TOKENIZER_FILE
-    with atomic_write(tokenizer) as temp:
+    with atomic_output(tokenizer) as temp:
         build_tokenizer(TINY.vocab).save(str(temp))
     return checkpoint, tokenizer
 
@@ -230,3 +232,63 @@ def test_embed_prompts_without_a_cache_still_encodes_each_prompt_once(tmp_path):
     out = embed_prompts(["b", "a", "b"], loader)
     assert loader.encoded == ["b", "a"]
     assert torch.equal(out[0], out[2]) and not torch.equal(out[0], out[1])
+
+
+# What a damaged cache entry holds instead of what `store` wrote; None: the file torn after 50 bytes.
+DAMAGED_ENTRIES = {
+    "torn": None,
+    "renamed tensor": {"tokens": torch.zeros(5, 8), "text_len": torch.tensor(16)},
+    "1-D embedding": {"embedding": torch.zeros(40), "text_len": torch.tensor(16)},
+    "integer embedding": {"embedding": torch.zeros(5, 8, dtype=torch.long), "text_len": torch.tensor(16)},
+    "float text_len": {"embedding": torch.zeros(5, 8), "text_len": torch.tensor(16.0)},
+    "text_len below the tokens": {"embedding": torch.zeros(5, 8), "text_len": torch.tensor(4)},
+}
+
+
+def store_damaged(cache: PromptEmbeddingCache, prompt: str, damage: str) -> Path:
+    cache.store(prompt, torch.randn(16, 8), num_tokens=5)
+    path = cache.path_for(prompt)
+    if DAMAGED_ENTRIES[damage] is None:
+        path.write_bytes(path.read_bytes()[:50])
+    else:
+        save_file(DAMAGED_ENTRIES[damage], path)
+    return path
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_ENTRIES))
+def test_an_unusable_cache_entry_is_a_miss_with_a_warning_naming_it(tmp_path, damage):
+    cache = PromptEmbeddingCache(tmp_path / "cache", "encoder")
+    path = store_damaged(cache, "a castle", damage)
+    with pytest.warns(UserWarning, match=re.escape(f"prompt cache entry {path} is unusable, encoding")):
+        assert cache.lookup("a castle") is None
+
+
+def test_an_unusable_cache_entry_is_encoded_again_and_rewritten(tmp_path):
+    checkpoint, tokenizer_file = write_text_encoder(tmp_path / "model", seed=0)
+    files = ModelFiles(tmp_path, checkpoint, checkpoint, checkpoint, tokenizer_file)
+    cache = PromptEmbeddingCache(tmp_path / "cache", text_encoder_identity(files, TINY))
+    loader = CountingLoader(checkpoint, tokenizer_file)
+    store_damaged(cache, "a castle", "torn")
+
+    with pytest.warns(UserWarning, match=r"deserializing header"):
+        (encoded,) = embed_prompts(["a castle"], loader, cache)
+    assert loader.encoded == ["a castle"]
+    assert torch.equal(encoded, loader().encode_prompts(["a castle"])[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rewritten entry reads cleanly
+        assert torch.equal(cache.lookup("a castle"), encoded)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_a_miss_without_a_loadable_encoder_names_the_cache_entry(tmp_path):
+    cache = PromptEmbeddingCache(tmp_path / "cache", "encoder")
+    path = store_damaged(cache, "a castle", "renamed tensor")
+
+    def no_encoder() -> TextEncoder:
+        raise FileNotFoundError("no text encoder here")
+
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="no text encoder here") as raised:
+        embed_prompts(["a castle"], no_encoder, cache)
+    assert raised.value.__notes__ == [
+        f"the text encoder was needed: these prompt cache entries are missing or unusable: {path}"
+    ]

@@ -43,7 +43,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from worldgen.config import DiTConfig, Job, get_preset, job_to_dict
-from worldgen.control import latent_frame_count
+from worldgen.control import SIZE_MULTIPLE, latent_frame_count
 from worldgen.floor import CATEGORIES, KernelClock, chunk_ops, flops_by_category, forward_ops
 from worldgen.generator import DTYPES, ChunkedGenerator, EngineSettings, Runtime
 from worldgen.models.dit import CausalDiT
@@ -107,6 +107,9 @@ class BenchSettings:
                 f"bench: device {self.device!r} but no CUDA device is available "
                 "(a CPU dry run: --device cpu --preset tiny with small sizes)"
             )
+        for side, pixels in (("height", self.height), ("width", self.width)):
+            if pixels < SIZE_MULTIPLE or pixels % SIZE_MULTIPLE:
+                raise ValueError(f"bench: --{side} {pixels} is not a positive multiple of {SIZE_MULTIPLE}")
         if self.chunks is not None and self.chunks < 1:
             raise ValueError(f"bench: chunks must be >= 1, got {self.chunks}")
         self.timed_chunks()  # raises on a bad chunk count before any model is built

@@ -22,8 +22,6 @@ storage, casting on the way, so two full copies of the weights never coexist.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -38,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from worldgen.config import DiTConfig, ModelPreset, TextConfig, VAEConfig, get_preset
+from worldgen.files import atomic_output
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -356,27 +355,13 @@ def load_models(
 # ---------------------------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block completes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(temp)
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
-
-
 def save_safetensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    with atomic_write(path) as temp:
+    with atomic_output(path) as temp:
         save_file({name: t.contiguous() for name, t in state.items()}, temp)
 
 
 def save_pth(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    with atomic_write(path) as temp:
+    with atomic_output(path) as temp:
         torch.save(dict(state), temp)
 
 
@@ -406,7 +391,7 @@ def save_sharded(
         save_safetensors({n: state[n] for n in shard_names}, Path(folder) / file_name)
         weight_map.update(dict.fromkeys(shard_names, file_name))
     index_path = Path(folder) / index_file
-    with atomic_write(index_path) as temp:
+    with atomic_output(index_path) as temp:
         temp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return index_path
 
@@ -481,6 +466,6 @@ def write_checkpoint(
             out / TEXT_ENCODER_FILE,
         )
     tokenizer = build_tokenizer(preset.text.vocab)
-    with atomic_write(out / TOKENIZER_DIR / TOKENIZER_FILE) as temp:
+    with atomic_output(out / TOKENIZER_DIR / TOKENIZER_FILE) as temp:
         tokenizer.save(str(temp))
     return ModelFiles.locate(out)

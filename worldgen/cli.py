@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from worldgen import __version__
@@ -11,24 +12,54 @@ from worldgen.config import PRESETS
 
 
 def _render(args: argparse.Namespace) -> int:
-    from worldgen.generator import ChunkedGenerator, EngineSettings
+    from worldgen.generator import (
+        ChunkedGenerator,
+        EngineSettings,
+        JobInputError,
+        check_control_modes,
+        model_preset,
+    )
     from worldgen.manifest import ManifestError, load_manifest
     from worldgen.render import render_job
 
     try:
         jobs = load_manifest(args.job or args.manifest)
     except ManifestError as error:
-        print(error, file=sys.stderr)
-        return 2
+        return _refused(error)
     out = Path(args.out)
-    generator = ChunkedGenerator(EngineSettings(**engine_options(args)))
+    if out.exists() and not out.is_dir():
+        return _refused(f"--out {out}: not a folder")
+    try:  # what cannot run is refused before the model loads: nothing renders while anything is wrong
+        settings = EngineSettings(**engine_options(args))
+        check_control_modes(jobs, model_preset(settings.model))
+        generator = ChunkedGenerator(settings)
+    except ValueError as error:
+        return _refused(error)
+    failed = []
     for job in jobs:
-        result = render_job(generator, job, out, write_video=args.write_video, force=args.force)
+        try:
+            result = render_job(generator, job, out, write_video=args.write_video, force=args.force)
+        except Exception as error:  # one job's failure does not stop the batch (as in the Prefect flow)
+            if not isinstance(error, JobInputError):  # bad input explains itself; anything else, in full
+                traceback.print_exc()
+            print(f"{job.job_id}: failed: {error}", file=sys.stderr)
+            failed.append(job.job_id)
+            continue
         print(f"{job.job_id}: {result['status']} -> {result['job_dir']}")
-    return 0
+    if failed:
+        print(f"{len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _refused(error: object) -> int:
+    """A usage or input error: its message, no traceback (nothing ran yet)."""
+    print(f"worldgen: error: {error}", file=sys.stderr)
+    return 2
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
     from worldgen.bench import BenchSettings, format_summary, run_bench
 
     settings = BenchSettings(
@@ -53,6 +84,12 @@ def _bench(args: argparse.Namespace) -> int:
         profile=args.profile,
         sync_check=args.sync_check,
     )
+    try:
+        settings = settings.resolved()  # bad settings are refused before any model is built
+    except ValueError as error:
+        return _refused(error)
+    if settings.sync_check and torch.device(settings.device).type != "cuda":
+        return _refused(f"--sync-check is CUDA's sync debug mode, not for --device {settings.device}")
     summary = run_bench(settings)
     print(format_summary(summary))
     print(f"results: {Path(args.out) / 'bench.json'}")
@@ -62,7 +99,10 @@ def _bench(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from worldgen.report import build_report
 
-    report = build_report(args.folder, plot_path=args.plot, warmup_chunks=args.warmup_chunks)
+    try:
+        report = build_report(args.folder, plot_path=args.plot, warmup_chunks=args.warmup_chunks)
+    except (ValueError, OSError) as error:  # a folder without timing files, a bad option
+        return _refused(error)
     print(report.table)
     print(f"plot: {report.plot}")
     return 0

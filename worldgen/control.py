@@ -15,8 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worldgen.config import DiTConfig
+
 TEMPORAL_STRIDE = 4  # video frames per latent frame (the first latent frame holds a single frame)
 SPATIAL_STRIDE = 8  # pixels per latent pixel; an 8x8 block of per-pixel features folds into channels
+# An output height/width must fall on whole DiT patches of the VAE latent: 8x VAE stride x 2x2 patch.
+SIZE_MULTIPLE = SPATIAL_STRIDE * DiTConfig().patch_size[1]
 DEFAULT_INTRINSICS_SIZE = (832, 480)  # (width, height) the intrinsics are calibrated at
 RIGID_TOLERANCE = 1e-3  # max |R^T R - I| and |det R - 1| of a pose rotation (float32 files reach ~1e-6)
 ACTION_KEYS = "wasd"

@@ -35,6 +35,7 @@ from PIL import Image
 from worldgen.checkpoints import (
     ModelFiles,
     build_tokenizer,
+    check_checkpoint,
     load_dit,
     load_text_encoder,
     load_vae,
@@ -145,6 +146,10 @@ class EngineSettings:
     def _check(self) -> None:
         """Raise ValueError where resolved settings contradict each other or the device."""
         device = torch.device(self.device).type
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.attention in ("cudnn", "efficient") and device != "cuda":
+            raise ValueError(f"attention {self.attention!r} is a CUDA kernel; on {device}, use auto")
         if self.fp8 and self.dtype != "bfloat16":
             raise ValueError(f"fp8 layers run in a bfloat16 model, not {self.dtype}")
         if self.attention in ("fa4", "fa3", "fp8") and (device != "cuda" or self.dtype != "bfloat16"):
@@ -236,14 +241,46 @@ class _Latent:
 
 
 def _detect_preset(dit_checkpoint: Path) -> ModelPreset:
-    """The preset whose DiT has exactly the checkpoint's tensor names and shapes."""
-    shapes = {name: tuple(info.shape) for name, info in scan_checkpoint(dit_checkpoint).items()}
+    """The preset whose DiT has exactly the checkpoint's tensor names and shapes; where none has, the
+    CheckpointError of the closest one names the tensors that differ."""
+    infos = scan_checkpoint(dit_checkpoint)
+    shapes = {(name, tuple(info.shape)) for name, info in infos.items()}
+    agreeing = {}
     for preset in PRESETS.values():
         with torch.device("meta"):
-            expected = {name: tuple(t.shape) for name, t in CausalDiT(preset.dit).state_dict().items()}
+            model = CausalDiT(preset.dit)
+        expected = {(name, tuple(t.shape)) for name, t in model.state_dict().items()}
         if expected == shapes:
             return preset
-    raise JobInputError(f"{dit_checkpoint}: the DiT matches none of the presets {', '.join(PRESETS)}")
+        agreeing[preset.name] = (len(expected & shapes), model)
+    closest = max(agreeing, key=lambda name: agreeing[name][0])
+    check_checkpoint(agreeing[closest][1], infos, dit_checkpoint, f"the {closest} DiT (the closest preset)")
+    raise AssertionError("unreachable: the shapes differ, so check_checkpoint raised")
+
+
+def model_preset(model: str) -> ModelPreset:
+    """The preset `model` names, or the one a model folder's DiT matches (by its tensor names and shapes:
+    no weights are read)."""
+    return get_preset(model) if model in PRESETS else _detect_preset(ModelFiles.locate(Path(model)).dit)
+
+
+def control_mode_problem(job: Job, preset: ModelPreset) -> str | None:
+    """What is wrong when `job` drives the model with the other control: key presses (`actions`) for a
+    camera model, or none for an action model; None when nothing is. Needs no model: a batch checks every
+    job up front."""
+    control_type, name = preset.dit.control_type, preset.name
+    if control_type == "act" and job.actions is None:
+        return f"job {job.job_id}: model {name} needs `actions`"
+    if control_type == "cam" and job.actions is not None:
+        return f"job {job.job_id}: `actions` given, but model {name} takes the camera"
+    return None
+
+
+def check_control_modes(jobs: list[Job], preset: ModelPreset) -> None:
+    """Raise JobInputError naming every job of a batch that `preset` cannot render (control_mode_problem)."""
+    problems = [problem for job in jobs if (problem := control_mode_problem(job, preset))]
+    if problems:
+        raise JobInputError("\n".join(problems))
 
 
 class ChunkedGenerator:
@@ -259,6 +296,10 @@ class ChunkedGenerator:
         # Checked here, where the model runs, not in `resolved()`: a flow resolves settings on its own host.
         # Inductor's GPU code is Triton too; on a CPU it compiles C++.
         on_cuda = self.device.type == "cuda"
+        if on_cuda and (self.device.index or 0) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            found = f"{count} CUDA device{'s' * (count != 1)}" if count else "no CUDA device"
+            raise ValueError(f"device {self.device}, but this machine has {found} (--device cpu runs here)")
         needs_triton = [name for name in ("compile", "triton_kernels") if getattr(settings, name) and on_cuda]
         if needs_triton and importlib.util.find_spec("triton") is None:
             flags = " ".join(f"--no-{name.replace('_', '-')}" for name in needs_triton)
@@ -458,13 +499,9 @@ class Runtime:
         return output_size(height, width, job.max_area)
 
     def _control_trajectory(self):
-        job, control_type = self.job, self.generator.preset.dit.control_type
-        if control_type == "act" and job.actions is None:
-            raise JobInputError(f"job {job.job_id}: model {self.generator.preset.name} needs `actions`")
-        if control_type == "cam" and job.actions is not None:
-            raise JobInputError(
-                f"job {job.job_id}: `actions` given, but model {self.generator.preset.name} takes the camera"
-            )
+        job = self.job
+        if problem := control_mode_problem(job, self.generator.preset):
+            raise JobInputError(problem)
         try:
             return control_trajectory(
                 load_poses(job.poses),

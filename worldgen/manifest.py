@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import os
 import re
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import yaml
 from PIL import Image
 
-from worldgen.config import DEFAULT_SHIFT, PATH_FIELDS, DiTConfig, Job
+from worldgen.config import DEFAULT_SHIFT, PATH_FIELDS, Job
 from worldgen.control import (
-    SPATIAL_STRIDE,
+    SIZE_MULTIPLE,
     TEMPORAL_STRIDE,
     check_actions,
     check_intrinsics,
@@ -37,19 +39,27 @@ from worldgen.control import (
     video_frame_count,
 )
 from worldgen.schedule import make_schedule, shifted_sigmas
+from worldgen.timing import TIMING_SCHEMA
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
     from pydantic_core import ErrorDetails
 
 JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
-# An explicit height/width must fall on whole DiT patches of the VAE latent: 8x VAE stride x 2x2 patch.
-SIZE_MULTIPLE = SPATIAL_STRIDE * DiTConfig().patch_size[1]
 # job_id names the job's output folder: a plain name on every file system, never a path or a dot name.
 _SAFE_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SAFE_JOB_ID_RULE = "use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _NPY_MAGIC = b"\x93NUMPY"
+# Timing rows store these job fields in int32 columns: a larger value would render the whole video, then fail
+# to write its timings.
+_INT32_FIELDS = tuple(
+    column.name for column in TIMING_SCHEMA if column.name in JOB_FIELDS and column.type == pa.int32()
+)
+_INT32_MAX = 2**31 - 1
+# What PIL raises for a file it cannot decode: OSError (truncated data, unknown format), ValueError and
+# SyntaxError (broken headers and chunks), DecompressionBombError (more pixels than PIL agrees to decode).
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @functools.cache
@@ -115,9 +125,11 @@ def load_manifest(path: str | Path) -> list[Job]:
             [RowError(file, 1, "manifest", "unsupported format; use .jsonl, .yaml, .yml or .json")]
         )
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as error:
         raise ManifestError([RowError(file, 1, "manifest", f"cannot read the file ({error})")]) from error
+    except UnicodeDecodeError as error:
+        raise ManifestError([_not_utf8(file, error)]) from error
     rows, errors = parse(text, file)
     jobs = _validate_rows(rows, path.parent.resolve(), file, errors)
     if errors:
@@ -143,6 +155,16 @@ def check_job(job: Job) -> list[tuple[str, str]]:
 
 
 # -------------------------------------------------------------------------------------------- parsing
+
+
+def _not_utf8(file: str, error: UnicodeDecodeError) -> RowError:
+    """The bad bytes at their line and column (the codec's own message gives an offset into the file)."""
+    before = error.object[: error.start]  # what decoded fine (without a BOM: utf-8-sig strips it first)
+    line_start = before.rfind(b"\n") + 1
+    column = len(before[line_start:].decode("utf-8")) + 1
+    shown = " ".join(f"0x{byte:02x}" for byte in error.object[error.start : error.end])
+    reason = f"cannot read the file as UTF-8: {error.reason} {shown} at column {column}"
+    return RowError(file, before.count(b"\n") + 1, "manifest", reason)
 
 
 def _jsonl_rows(text: str, file: str) -> tuple[list[_Row], list[RowError]]:
@@ -186,7 +208,10 @@ def _yaml_rows(text: str, file: str) -> tuple[list[_Row], list[RowError]]:
     """Rows of a YAML manifest, each at the line of its list item (read from the composed node tree)."""
     rows: list[_Row] = []
     errors: list[RowError] = []
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as error:  # not a MarkedYAMLError: it has a position, not a mark
+        return rows, [_yaml_reader_error(file, text, error)]
     try:
         root = loader.get_single_node()
         if root is None:
@@ -269,6 +294,14 @@ def _yaml_error(file: str, error: yaml.MarkedYAMLError) -> RowError:
     return RowError(file, mark.line + 1 if mark else 1, "yaml", reason)
 
 
+def _yaml_reader_error(file: str, text: str, error: yaml.reader.ReaderError) -> RowError:
+    """A character YAML does not accept anywhere (control characters), at its line and column."""
+    line_start = text.rfind("\n", 0, error.position) + 1
+    column = error.position - line_start + 1
+    reason = f"unacceptable character #x{error.character:04x} at column {column}: {error.reason}"
+    return RowError(file, text.count("\n", 0, error.position) + 1, "yaml", reason)
+
+
 def _at(file: str, node: yaml.Node, field: str, reason: str) -> RowError:
     return RowError(file, node.start_mark.line + 1, field, reason)
 
@@ -338,14 +371,7 @@ def _unknown_field(name: str) -> str:
 
 
 def _check_sizes(job: Job, problems: list[tuple[str, str]]) -> None:
-    for name, least in (("frame_num", 1), ("chunk_size", 1), ("sink_size", 0), ("fps", 1), ("max_area", 1)):
-        if getattr(job, name) < least:
-            problems.append((name, f"must be >= {least}, got {getattr(job, name)}"))
-    if not 0 <= job.seed < 2**63:
-        problems.append(("seed", f"must be in [0, 2**63), got {job.seed}"))
-    if min(job.intrinsics_size) < 1:
-        problems.append(("intrinsics_size", f"must be positive, got {list(job.intrinsics_size)}"))
-
+    _check_bounds(job, problems)
     window, least_window = job.local_attn_size, job.sink_size + job.chunk_size
     if window != -1 and window < 1:
         problems.append(("local_attn_size", f"must be -1 (the whole video) or >= 1, got {window}"))
@@ -369,22 +395,60 @@ def _check_sizes(job: Job, problems: list[tuple[str, str]]) -> None:
             problems.append((name, f"missing: {other} is given, so {name} must be too (or neither)"))
 
 
+def _check_bounds(job: Job, problems: list[tuple[str, str]]) -> None:
+    for name, least in (("frame_num", 1), ("chunk_size", 1), ("sink_size", 0), ("fps", 1), ("max_area", 1)):
+        if getattr(job, name) < least:
+            problems.append((name, f"must be >= {least}, got {getattr(job, name)}"))
+    for name in _INT32_FIELDS:
+        value = getattr(job, name)
+        if value is not None and value > _INT32_MAX:
+            problems.append((name, f"must be <= {_INT32_MAX} (timing rows store it as int32), got {value}"))
+    if not 0 <= job.seed < 2**63:
+        problems.append(("seed", f"must be in [0, 2**63), got {job.seed}"))
+    if min(job.intrinsics_size) < 1:
+        problems.append(("intrinsics_size", f"must be positive, got {list(job.intrinsics_size)}"))
+
+
 def _check_image(job: Job, problems: list[tuple[str, str]]) -> None:
     if not Path(job.image).is_file():
         problems.append(("image", f"no such file: {job.image}"))
         return
+    stat = os.stat(job.image)
+    size, reason = _decoded_image_size(job.image, (stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    if reason:
+        problems.append(("image", reason))
+    elif job.height is None and job.width is None and job.max_area >= 1:
+        _check_max_area(job, *size, problems)
+
+
+@functools.lru_cache(maxsize=1024)
+def _decoded_image_size(
+    path: str, file_version: tuple[int, int, int]
+) -> tuple[tuple[int, int] | None, str | None]:
+    """(width, height) of an image that decodes in full, or why it cannot be read.
+
+    The header alone would pass a truncated file that then fails mid-render. Cached by `file_version` (inode,
+    size and modification time), so that the many jobs of one image decode it once and an edit re-reads it.
+    """
     try:
-        with Image.open(job.image) as image:
-            width, height = image.size
-    except (OSError, ValueError) as error:
-        problems.append(("image", f"cannot read {job.image} as an image ({error})"))
+        with Image.open(path) as image:
+            image.load()
+            return image.size, None
+    except _IMAGE_ERRORS as error:
+        return None, f"cannot read {path} as an image ({error})"
+
+
+def _check_max_area(job: Job, width: int, height: int, problems: list[tuple[str, str]]) -> None:
+    """The video size that max_area gives the image must exist and fit the timing rows' int32."""
+    try:
+        video_height, video_width = output_size(height, width, job.max_area)
+    except ValueError:
+        reason = f"{job.max_area} is too small for the {width}x{height} image"
+        problems.append(("max_area", f"{reason}: a side would be under {SIZE_MULTIPLE} pixels"))
         return
-    if job.height is None and job.width is None and job.max_area >= 1:
-        try:
-            output_size(height, width, job.max_area)
-        except ValueError:
-            reason = f"{job.max_area} is too small for the {width}x{height} image"
-            problems.append(("max_area", f"{reason}: a side would be under {SIZE_MULTIPLE} pixels"))
+    if max(video_height, video_width) > _INT32_MAX:
+        reason = f"{job.max_area} gives the {width}x{height} image a {video_width}x{video_height} video"
+        problems.append(("max_area", f"{reason}: a side would be over {_INT32_MAX} pixels"))
 
 
 def _check_controls(job: Job, problems: list[tuple[str, str]]) -> None:

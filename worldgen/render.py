@@ -2,8 +2,11 @@
 text embedding into `OUT/.prompt-cache/` (shared by every job under OUT).
 
 Every file is written to a temp name and renamed into place; `job.json` comes last and is the "done"
-marker: it holds the job's settings hash, and a job whose marker matches is skipped. A crash or a kill at
-any point leaves either the previous finished outputs or none, never a half-written file under a final name.
+marker: it holds the job's settings hash and the outputs it vouches for, and a job whose marker matches,
+with those outputs present, is skipped. A re-render leaves the previous finished render whole until its own
+frames are all made: only then does the old marker go, before the first new file is renamed into place.
+A crash or a kill at any point leaves the previous finished render, or a folder without a marker (which the
+next run renders again), never a half-written file under a final name.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,14 +24,16 @@ from tqdm import tqdm
 
 import worldgen
 from worldgen.config import PRESETS, Job, job_settings_hash, job_to_dict
-from worldgen.generator import ChunkedGenerator, EngineSettings
+from worldgen.files import atomic_output, remove_stale_temps
+from worldgen.generator import Chunk, ChunkedGenerator, EngineSettings
 from worldgen.profiling import device_environment, named_range, profile_ranges
-from worldgen.timing import DEFAULT_WARMUP_CHUNKS, TimingLog, atomic_output
+from worldgen.timing import DEFAULT_WARMUP_CHUNKS, TimingLog
 from worldgen.video import VideoWriter
 
 MARKER = "job.json"
 VIDEO = "video.mp4"
 TIMINGS = "timings.parquet"
+_TEMPS = (VIDEO, TIMINGS, MARKER)  # the files whose temps a killed render leaves (worldgen.files)
 PROMPT_CACHE = ".prompt-cache"  # under the output folder: the prompt embeddings of all its jobs
 
 
@@ -51,25 +57,42 @@ def render_settings_hash(job: Job, engine: EngineSettings) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _skipped(job: Job, job_dir: Path, settings_hash: str) -> dict[str, Any] | None:
-    """The skip result of `job` if its done-marker matches `settings_hash` and its outputs exist."""
+def _outputs(write_video: bool) -> list[str]:
+    return [TIMINGS, VIDEO] if write_video else [TIMINGS]
+
+
+def _paths(job_dir: Path, outputs: list[str]) -> dict[str, str | None]:
+    """Where a render's results are, as the caller named the output folder (never stored: folders move)."""
+    return {"job_dir": str(job_dir), "video": str(job_dir / VIDEO) if VIDEO in outputs else None}
+
+
+def _skipped(job: Job, job_dir: Path, settings_hash: str, write_video: bool) -> dict[str, Any] | None:
+    """The skip result of `job` if its done-marker matches `settings_hash` and vouches for the outputs this
+    run wants (a render without video does not count for one with), all present."""
     try:
         marker = json.loads((job_dir / MARKER).read_text())
-    except (OSError, ValueError):
+        outputs = list(marker["outputs"])
+        if marker["settings_hash"] != settings_hash:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):  # no marker, or not one of ours
         return None
-    if marker.get("settings_hash") != settings_hash:
+    if not set(_outputs(write_video)) <= set(outputs):
         return None
-    if not all((job_dir / name).is_file() for name in marker.get("outputs", [])):
+    if not all((job_dir / name).is_file() for name in outputs):
         return None
-    return {"job_id": job.job_id, "status": "skipped", **marker["result"]}
+    remove_stale_temps(job_dir, _TEMPS)  # a killed re-render's: the finished render it left whole stays
+    return {"job_id": job.job_id, "status": "skipped", **marker["result"], **_paths(job_dir, outputs)}
 
 
-def finished_result(job: Job, out_dir: Path, engine: EngineSettings) -> dict[str, Any] | None:
-    """The result of `job` if it is already rendered under `out_dir` with these settings, else None.
+def finished_result(
+    job: Job, out_dir: Path, engine: EngineSettings, write_video: bool = True
+) -> dict[str, Any] | None:
+    """The result of `job` if it is already rendered under `out_dir` with these settings (and a video, when
+    `write_video`), else None.
 
     Needs no model: a batch can tell what is left to do before loading anything.
     """
-    return _skipped(job, Path(out_dir) / job.job_id, render_settings_hash(job, engine))
+    return _skipped(job, Path(out_dir) / job.job_id, render_settings_hash(job, engine), write_video)
 
 
 def render_job(
@@ -81,15 +104,17 @@ def render_job(
     warmup_chunks: int = DEFAULT_WARMUP_CHUNKS,
     progress: bool = True,
     force: bool = False,
+    on_chunk: Callable[[Chunk, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Render `job` into `out_dir/<job_id>/` unless its marker says it is done; a small result dict."""
+    """Render `job` into `out_dir/<job_id>/` unless its marker says it is done; a small result dict.
+
+    `progress` draws a progress bar on the terminal; `on_chunk(chunk, num_chunks)` is called after each
+    chunk is written (a flow logs it)."""
     job_dir = Path(out_dir) / job.job_id
     settings_hash = render_settings_hash(job, generator.settings)
-    if not force and (skipped := _skipped(job, job_dir, settings_hash)):
+    if not force and (skipped := _skipped(job, job_dir, settings_hash, write_video)):
         return skipped
     job_dir.mkdir(parents=True, exist_ok=True)
-    # The old marker no longer describes what the folder will hold: remove it before touching anything.
-    (job_dir / MARKER).unlink(missing_ok=True)
 
     run_id = uuid.uuid4().hex
     # WORLDGEN_PROFILE selects the ranges traced by the torch profiler (none by default).
@@ -121,8 +146,15 @@ def render_job(
                 write_seconds = time.perf_counter() - write_started
                 log.append(chunk.timing_row(run, write_seconds, warmup_chunks))
                 bar.update()
+                if on_chunk:
+                    on_chunk(chunk, runtime.num_chunks)
+            # Every frame is made. The previous render (if any) stops being the folder's finished one here,
+            # before its files are replaced one by one; a video of it that this run does not replace goes too.
+            (job_dir / MARKER).unlink(missing_ok=True)
             if writer:
                 writer.close()
+            else:
+                (job_dir / VIDEO).unlink(missing_ok=True)
         except BaseException:
             if writer:
                 writer.abort()
@@ -133,15 +165,13 @@ def render_job(
     summary = log.summary(warmup_chunks)
     steady = summary.stages.get("generate_next_chunk")
     result = {
-        "job_dir": str(job_dir),
         "chunks": runtime.num_chunks,
         "video_frames": runtime.video_frames,
-        "video": str(job_dir / VIDEO) if write_video else None,
         "create_runtime_seconds": create_seconds,
         "steady_seconds_per_chunk": steady.mean if steady else None,
         "warmup_chunks_skipped": summary.warmup_skipped,
     }
-    outputs = [TIMINGS, VIDEO] if write_video else [TIMINGS]
+    outputs = _outputs(write_video)
     marker = {
         "settings_hash": settings_hash,
         "job": job_to_dict(job),
@@ -155,4 +185,5 @@ def render_job(
     }
     with atomic_output(job_dir / MARKER) as temp:
         temp.write_text(json.dumps(marker, indent=2, default=str))
-    return {"job_id": job.job_id, "status": "rendered", **result}
+    remove_stale_temps(job_dir, _TEMPS)  # left by killed runs; this run's are all renamed
+    return {"job_id": job.job_id, "status": "rendered", **result, **_paths(job_dir, outputs)}

@@ -1,25 +1,26 @@
 """Timing reports over a render folder: one table row per job and a PNG of per-chunk stage times.
 
-Every `timings.parquet` under the folder is read as one pyarrow dataset (all share TIMING_SCHEMA).
-Used by `worldgen report DIR` and the Prefect report flow; imports neither torch nor Prefect.
+Every `timings.parquet` under the folder is read and checked against TIMING_SCHEMA one by one: an unreadable
+or foreign file is skipped with a warning, and the report lists it. Used by `worldgen report DIR` and the
+Prefect report flow; imports neither torch nor Prefect.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from worldgen.timing import (
     DEFAULT_WARMUP_CHUNKS,
-    TIMING_SCHEMA,
     TimingSummary,
     atomic_output,
     check_timing_schema,
@@ -63,12 +64,48 @@ def find_timing_files(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def load_timings(folder: str | os.PathLike[str]) -> pa.Table:
-    """All chunk rows of every timings.parquet under `folder`, as one table."""
-    files = find_timing_files(folder)
-    for path in files:  # checked one by one so a bad file is named, which a dataset scan would not do
-        check_timing_schema(pq.read_schema(path), str(path))
-    return ds.dataset([str(p) for p in files], schema=TIMING_SCHEMA, format="parquet").to_table()
+@dataclass(frozen=True)
+class SkippedFile:
+    """A timing file left out of the report, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Timings:
+    rows: pa.Table  # the chunk rows of every readable file, without schema metadata
+    skipped: list[SkippedFile]
+
+
+def load_timings(folder: str | os.PathLike[str]) -> Timings:
+    """All chunk rows of every readable timings.parquet under `folder`, as one table.
+
+    A file that does not read (empty, truncated, corrupt pages) or is not a worldgen timing table is skipped
+    with a warning naming it: one bad job does not hide the others. None readable is an error.
+    """
+    tables, skipped = [], []
+    for path in find_timing_files(folder):
+        try:
+            tables.append(_read_timing_file(path))
+        except (OSError, ValueError, pa.ArrowException) as error:
+            # check_timing_schema's message starts with the path, which the warning and report give once;
+            # Arrow's may span lines, which would break the report's list.
+            reason = " ".join(str(error).removeprefix(f"{path}: ").split())
+            skipped.append(SkippedFile(path, reason))
+            warnings.warn(f"skipped {path}: {reason}", stacklevel=2)
+    if not tables:
+        listed = "; ".join(f"{file.path} ({file.reason})" for file in skipped)
+        raise ValueError(f"{folder}: no readable {TIMINGS_FILE} under it; skipped {listed}")
+    return Timings(pa.concat_tables(tables), skipped)
+
+
+def _read_timing_file(path: Path) -> pa.Table:
+    """Every row of one file: reading it whole finds corrupt pages, which the footer alone would not show."""
+    with pq.ParquetFile(path) as parquet:  # unlike pq.read_table, its errors do not repeat the path
+        table = parquet.read()
+    check_timing_schema(table.schema, str(path))
+    return table.replace_schema_metadata()  # each job's settings differ; the columns are the same
 
 
 @dataclass(frozen=True)
@@ -92,8 +129,9 @@ def _job_rows(table: pa.Table, job_id: str, run_id: str) -> pa.Table:
     return table.filter(mask).sort_by("chunk_index")
 
 
-def format_table(jobs: list[JobSummary], markdown: bool = False) -> str:
-    """Per job: chunks, warm-up chunks skipped, steady-state mean seconds per stage, frames per second."""
+def format_table(jobs: list[JobSummary], markdown: bool = False, skipped: Sequence[SkippedFile] = ()) -> str:
+    """Per job: chunks, warm-up chunks skipped, steady-state mean seconds per stage, frames per second;
+    below it, the timing files left out and why."""
     stage_columns = [f"{stage} s" for stage in REPORTED_STAGES]
     header = ["job", "run", "chunks", "warm-up", *stage_columns, "total p90 s", "frames/s"]
     rows = []
@@ -120,6 +158,9 @@ def format_table(jobs: list[JobSummary], markdown: bool = False) -> str:
         ]
     if any(not job.summary.stages for job in jobs):
         lines += ["", "-: no steady state (every chunk is a warm-up chunk)"]
+    if skipped:
+        lines += ["", f"skipped {len(skipped)} timing file(s):"]
+        lines += [f"- {file.path}: {file.reason}" for file in skipped]  # a list in markdown too
     return "\n".join(lines)
 
 
@@ -198,8 +239,9 @@ def plot_timings(
 @dataclass(frozen=True)
 class Report:
     jobs: list[JobSummary]
-    table: str
+    table: str  # ends with the skipped files, if any
     plot: Path
+    skipped: list[SkippedFile]
 
 
 def build_report(
@@ -208,10 +250,14 @@ def build_report(
     warmup_chunks: int = DEFAULT_WARMUP_CHUNKS,
     markdown: bool = False,
 ) -> Report:
-    """Summary table and plot (default `folder/timings.png`) over every timings.parquet under `folder`."""
+    """Summary table and plot (default `folder/timings.png`) over every readable timings.parquet under
+    `folder`; the plot's folder is created if missing."""
     timings = load_timings(folder)
-    jobs = summarize_jobs(timings, warmup_chunks)
+    jobs = summarize_jobs(timings.rows, warmup_chunks)
     plot = plot_timings(
-        timings, jobs, Path(folder) / DEFAULT_PLOT_NAME if plot_path is None else plot_path, warmup_chunks
+        timings.rows,
+        jobs,
+        Path(folder) / DEFAULT_PLOT_NAME if plot_path is None else plot_path,
+        warmup_chunks,
     )
-    return Report(jobs, format_table(jobs, markdown), plot)
+    return Report(jobs, format_table(jobs, markdown, timings.skipped), plot, timings.skipped)

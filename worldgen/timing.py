@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from worldgen.files import atomic_output
 
 DEFAULT_WARMUP_CHUNKS = 1
 SETTINGS_METADATA_KEY = b"worldgen.settings"
@@ -135,22 +135,6 @@ class ChunkTiming(RunInfo):
     def from_run(cls, run: RunInfo, **measured: Any) -> ChunkTiming:
         """A row of `run` with this chunk's measured fields."""
         return cls(**{f.name: getattr(run, f.name) for f in fields(RunInfo)}, **measured)
-
-
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """A temp path beside `path`, renamed onto it when the block succeeds and removed when it fails.
-
-    Readers never see half a file: the rename within one folder is atomic.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp_name)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 class TimingLog:

@@ -18,6 +18,8 @@ from typing import Any
 import imageio_ffmpeg
 import numpy as np
 
+from worldgen.files import publish, temp_beside
+
 DEFAULT_CRF = 18  # visually near-lossless for x264; 0 is lossless, 51 the worst
 DEFAULT_PRESET = "medium"
 _STDERR_TAIL = 2000
@@ -77,9 +79,7 @@ class VideoWriter:
     def open(self) -> None:
         if self._process is not None:
             raise RuntimeError(f"{self.path}: the writer is already open")
-        fd, tmp_name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".mp4.tmp")
-        os.close(fd)
-        self._tmp_path = Path(tmp_name)
+        self._tmp_path = temp_beside(self.path)  # ffmpeg is told the format: the name needs no .mp4
         # A file, not a pipe: a full stderr pipe would stall ffmpeg. It lives as long as the writer.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         command = [
@@ -133,7 +133,7 @@ class VideoWriter:
             raise RuntimeError(f"{self.path}: close() on a writer that is not open")
         try:
             self._finish()
-            os.replace(self._tmp_path, self.path)
+            publish(self._tmp_path, self.path)
         except BaseException:
             self.abort()
             raise

@@ -88,9 +88,11 @@ class KVCache:
         self.batch_size = batch_size
         self.frame_tokens = frame_tokens
         self.sink_size = sink_size
-        self.whole_video = local_attn_size == -1
-        # With a window, the cache holds `local_attn_size` frames however long the video; without one,
-        # every frame of the video.
+        # A window at least as long as the video never drops a frame: it sees what -1 sees, so it is cached
+        # like -1, in the video's frames (allocating the window's frames would waste memory, or fail).
+        self.whole_video = local_attn_size == -1 or local_attn_size >= num_frames
+        # With a window shorter than the video, the cache holds `local_attn_size` frames however long the
+        # video is; otherwise every frame of the video.
         self.capacity_frames = num_frames if self.whole_video else local_attn_size
         self.capacity_tokens = self.capacity_frames * frame_tokens
         # Frames of one pass must fit in the ring beside the sink (or in the whole-video cache).
@@ -130,7 +132,7 @@ class KVCache:
         if first_frame == self.end_frame:
             if self.whole_video and end > self.capacity_frames:
                 raise ValueError(
-                    f"KV cache sized for {self.capacity_frames} latent frames (local_attn_size -1) cannot "
+                    f"KV cache sized for {self.capacity_frames} latent frames (the whole video) cannot "
                     f"take frames [{first_frame}, {end})"
                 )
             self.chunk_start, self.end_frame = first_frame, end

@@ -12,17 +12,19 @@ import hashlib
 import html
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from worldgen.checkpoints import atomic_write
 from worldgen.config import TextConfig
+from worldgen.files import atomic_output
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -221,7 +223,8 @@ class PromptEmbeddingCache:
 
     `encoder_identity` must change whenever the encoder's weights or tokenizer change (the checkpoint
     loader derives it from the files; random-weight presets use the preset name and seed), so a stale
-    embedding is never returned. Only the unpadded tokens are stored; lookups pad back with zeros.
+    embedding is never returned. Only the unpadded tokens are stored; lookups pad back with zeros. An entry
+    that does not read as one (torn by a full disk, a foreign file) is a miss, so its prompt is encoded again.
     """
 
     def __init__(self, root: Path, encoder_identity: str):
@@ -233,11 +236,17 @@ class PromptEmbeddingCache:
         return self.root / digest[:2] / f"{digest}.safetensors"
 
     def lookup(self, prompt: str) -> torch.Tensor | None:
+        """The prompt's [text_len, dim] embedding; None if it is not cached or its entry is unusable."""
         path = self.path_for(prompt)
         if not path.is_file():
             return None
-        stored = load_file(path)
-        tokens, text_len = stored["embedding"], int(stored["text_len"])
+        try:
+            tokens, text_len = _read_entry(path)
+        except (OSError, SafetensorError, ValueError) as error:
+            warnings.warn(
+                f"prompt cache entry {path} is unusable, encoding its prompt again: {error}", stacklevel=2
+            )
+            return None
         return torch.cat([tokens, tokens.new_zeros(text_len - tokens.shape[0], tokens.shape[1])])
 
     def store(self, prompt: str, embedding: torch.Tensor, num_tokens: int) -> None:
@@ -246,8 +255,23 @@ class PromptEmbeddingCache:
             "text_len": torch.tensor(embedding.shape[0]),
         }
         # Temp file + rename: concurrent workers and interrupted runs never leave a torn file behind.
-        with atomic_write(self.path_for(prompt)) as temp:
+        with atomic_output(self.path_for(prompt)) as temp:
             save_file(tensors, temp, metadata={"encoder": self.encoder_identity})
+
+
+def _read_entry(path: Path) -> tuple[torch.Tensor, int]:
+    """A cache entry's unpadded tokens [num_tokens, dim] and its text_len, as `store` writes them."""
+    stored = load_file(path)
+    if stored.keys() != {"embedding", "text_len"}:
+        raise ValueError(f"holds tensors {sorted(stored)}, expected ['embedding', 'text_len']")
+    tokens, text_len = stored["embedding"], stored["text_len"]
+    if tokens.ndim != 2 or not tokens.is_floating_point():
+        raise ValueError(f"embedding is {tokens.dtype} {list(tokens.shape)}, expected a 2-D float tensor")
+    if text_len.shape != () or text_len.dtype != torch.int64 or text_len < tokens.shape[0]:
+        raise ValueError(
+            f"text_len is {text_len.dtype} {text_len.tolist()}, expected an int64 >= {tokens.shape[0]}"
+        )
+    return tokens, int(text_len)
 
 
 def embed_prompts(
@@ -265,7 +289,7 @@ def embed_prompts(
     embeddings = {p: cache.lookup(p) for p in distinct} if cache is not None else dict.fromkeys(distinct)
     missing = [p for p, e in embeddings.items() if e is None]
     if missing:
-        encoder = load_encoder()
+        encoder = _load_for_misses(load_encoder, missing, cache)
         for start in range(0, len(missing), batch_size):
             batch = missing[start : start + batch_size]
             encoded, num_tokens = encoder.encode_with_lengths(batch)
@@ -275,3 +299,19 @@ def embed_prompts(
                     cache.store(prompt, embedding, count)
         del encoder
     return [embeddings[clean_prompt(p)] for p in prompts]
+
+
+def _load_for_misses(
+    load_encoder: Callable[[], TextEncoder], missing: list[str], cache: PromptEmbeddingCache | None
+) -> TextEncoder:
+    """`load_encoder()`; if that fails, the error also names the cache entries that were missing or unusable:
+    a run that expected every prompt cached (the benchmark stores its embeddings up front) sees which."""
+    try:
+        return load_encoder()
+    except Exception as error:
+        if cache is not None:
+            entries = ", ".join(str(cache.path_for(prompt)) for prompt in missing)
+            error.add_note(
+                f"the text encoder was needed: these prompt cache entries are missing or unusable: {entries}"
+            )
+        raise
