@@ -16,6 +16,7 @@ from worldgen.checkpoints import (
     TEXT_ENCODER_FILE,
     TOKENIZER_DIR,
     TOKENIZER_FILE,
+    CheckpointError,
     ModelFiles,
     build_on_meta,
     build_tokenizer,
@@ -137,6 +138,9 @@ def test_tokenizer_file_without_pad_token_is_refused(tmp_path):
         PromptTokenizer.from_file(path, text_len=8)
     with pytest.raises(FileNotFoundError, match=r"absent.json"):
         PromptTokenizer.from_file(tmp_path / "absent.json", text_len=8)
+    path.write_text('{"version": ')  # torn
+    with pytest.raises(CheckpointError, match=rf"{path}: not a tokenizer.json that loads \(EOF"):
+        PromptTokenizer.from_file(path, text_len=8)
 
 
 def write_text_encoder(folder: Path, seed: int) -> tuple[Path, Path]:

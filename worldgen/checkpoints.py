@@ -316,10 +316,11 @@ def load_text_encoder(
 ) -> TextEncoder:
     from worldgen.models.text import PromptTokenizer, TextEncoder, UMT5Encoder
 
+    tokenizer = PromptTokenizer.from_file(tokenizer_file, config.text_len)  # first: it loads in a moment
     model = load_checkpoint(
         build_on_meta(lambda: UMT5Encoder(config)), checkpoint, device, dtype, "the umT5 text encoder"
     )
-    return TextEncoder(model, PromptTokenizer.from_file(tokenizer_file, config.text_len))
+    return TextEncoder(model, tokenizer)
 
 
 def text_encoder_identity(files: ModelFiles, config: TextConfig) -> str:

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from worldgen.checkpoints import CheckpointError
 from worldgen.config import TextConfig
 from worldgen.files import atomic_output
 
@@ -174,7 +175,11 @@ class PromptTokenizer:
 
         if not Path(tokenizer_file).is_file():
             raise FileNotFoundError(f"tokenizer file {tokenizer_file} does not exist")
-        return cls(Tokenizer.from_file(str(tokenizer_file)), text_len, str(tokenizer_file))
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # the tokenizers library raises a bare Exception for a malformed file
+            raise CheckpointError(f"{tokenizer_file}: not a tokenizer.json that loads ({error})") from error
+        return cls(tokenizer, text_len, str(tokenizer_file))
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, text_len: int) -> PromptTokenizer:
