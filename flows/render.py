@@ -46,7 +46,7 @@ from worldgen.generator import (
     shared_generator,
 )
 from worldgen.manifest import load_manifest
-from worldgen.render import PROMPT_CACHE, finished_result, render_job
+from worldgen.render import PROMPT_CACHE, finished_result, remove_killed_renders_temps, render_job
 
 RUNNERS = ("local", "ray")
 
@@ -80,14 +80,18 @@ def render_job_task(
         logger.info("%s: chunk %d of %d (%.2f s)", job["job_id"], chunk.index + 1, num_chunks, seconds)
 
     # A finished job is skipped before any model is loaded.
-    result = finished_result(job_to_render, Path(out_dir), settings, write_video) or render_job(
-        shared_generator(settings),
-        job_to_render,
-        Path(out_dir),
-        write_video=write_video,
-        progress=False,
-        on_chunk=log_chunk,
-    )
+    result = finished_result(job_to_render, Path(out_dir), settings, write_video)
+    if result:
+        remove_killed_renders_temps(Path(result["job_dir"]))
+    else:
+        result = render_job(
+            shared_generator(settings),
+            job_to_render,
+            Path(out_dir),
+            write_video=write_video,
+            progress=False,
+            on_chunk=log_chunk,
+        )
     logger.info("%s: %s", result["job_id"], result["status"])
     return {**result, **_worker_record(started_at)}
 

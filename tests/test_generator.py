@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -43,7 +44,8 @@ from worldgen.render import (
     render_job,
     render_settings_hash,
 )
-from worldgen.timing import TIMING_SCHEMA, read_timings, summarize
+from worldgen.timing import TIMING_SCHEMA, TimingLog, read_timings, summarize
+from worldgen.video import VideoWriter
 
 
 def tiny_job(**changes) -> Job:
@@ -161,14 +163,23 @@ def test_a_failed_rerender_leaves_the_finished_render_whole(generator, tmp_path,
             raise RuntimeError("device lost")
         return real(self)
 
-    monkeypatch.setattr(Runtime, "generate_next_chunk", fail_on_second_chunk)
-    for changed in ({"job": tiny_job(seed=5)}, {"job": tiny_job(), "force": True}):
-        with pytest.raises(RuntimeError, match="device lost"):
-            render_job(generator, progress=False, out_dir=tmp_path, **changed)
-        # The new video never reached its final name, and the old render is still the finished one.
-        assert {name: (job_dir / name).read_bytes() for name in before} == before
-        assert not [p.name for p in job_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
-    monkeypatch.undo()
+    def fail(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    # In the chunk loop, in the video's last checks, in writing the timings: until then the new files are
+    # complete only under their temp names, and the old render is still the finished one.
+    for owner, method, failing in (
+        (Runtime, "generate_next_chunk", fail_on_second_chunk),
+        (VideoWriter, "_finish", fail),
+        (TimingLog, "save", fail),
+    ):
+        monkeypatch.setattr(owner, method, failing)
+        for changed in ({"job": tiny_job(seed=5)}, {"job": tiny_job(), "force": True}):
+            with pytest.raises(RuntimeError, match="device lost"):
+                render_job(generator, progress=False, out_dir=tmp_path, **changed)
+            assert {name: (job_dir / name).read_bytes() for name in before} == before
+            assert not [p.name for p in job_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+        monkeypatch.undo()
     assert render_job(generator, tiny_job(), tmp_path, progress=False)["status"] == "skipped"
     assert render_job(generator, tiny_job(seed=5), tmp_path, progress=False)["status"] == "rendered"
 
@@ -191,12 +202,23 @@ def test_a_render_without_video_counts_only_for_runs_without_video(generator, tm
 def test_outputs_are_readable_as_the_umask_says_and_stale_temps_go(generator, tmp_path):
     job_dir = tmp_path / "tiny"
     job_dir.mkdir()
-    stale = [job_dir / ".video.mp4.killed.tmp", job_dir / ".job.json.killed.tmp"]
-    for temp in stale:
+    # Killed writers' temps (the video's as named before 2026-11-30 too), idle for an hour; and one being
+    # written right now by another process rendering into the same folder, which stays.
+    stale = [job_dir / name for name in (".video.mp4.a.tmp", ".job.json.b.tmp", ".video.c.mp4.tmp")]
+    live = job_dir / ".timings.parquet.d.tmp"
+    for temp in [*stale, live]:
         temp.write_bytes(b"left by a killed run")
+    hour_ago = time.time() - 3600
+
+    def age(temps: list[Path]) -> None:
+        for temp in temps:
+            os.utime(temp, (hour_ago, hour_ago))
+
+    age(stale)
     render_job(generator, tiny_job(), tmp_path, progress=False)
-    assert not any(temp.exists() for temp in stale)
+    assert not any(temp.exists() for temp in stale) and live.exists()
     stale[0].write_bytes(b"left by a killed forced re-render")
+    age(stale[:1])
     assert render_job(generator, tiny_job(), tmp_path, progress=False)["status"] == "skipped"
     umask = os.umask(0)
     os.umask(umask)
@@ -307,7 +329,9 @@ def test_cli_refuses_what_cannot_run_before_rendering_anything(tmp_path, capsys)
         refusals.append(([*render, "--device", "cuda"], "device cuda, but this machine has no CUDA device"))
     (tmp_path / "file").write_text("")
     refusals.append(([*render[:-1], str(tmp_path / "file")], "not a folder"))
-    refusals.append((["report", str(tmp_path / "empty")], "empty"))
+    (tmp_path / "nothing").mkdir()
+    refusals.append((["report", str(tmp_path / "nothing")], "nothing: no timings.parquet files under it"))
+    refusals.append(([*render, "--device", "gpu"], "device must be cpu, cuda or cuda:N, got 'gpu'"))
     for argv, message in refusals:
         assert cli_main(argv) == 2
         err = capsys.readouterr().err
@@ -397,7 +421,7 @@ def test_fast_path_switches_are_checked_and_recorded(tmp_path, monkeypatch):
             ChunkedGenerator(
                 EngineSettings(device="cuda", attention="fp8", compile=False, triton_kernels=False)
             )
-    for device in ("mps", "meta"):
+    for device in ("mps", "meta", "gpu", "cuda:x"):  # the last two torch cannot even parse
         with pytest.raises(ValueError, match=f"device must be cpu, cuda or cuda:N, got '{device}'"):
             EngineSettings(device=device).resolved()
     with pytest.raises(ValueError, match="attention 'cudnn' is a CUDA kernel; on cpu, use auto"):

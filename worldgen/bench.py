@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from worldgen.config import DiTConfig, Job, get_preset, job_to_dict
 from worldgen.control import SIZE_MULTIPLE, latent_frame_count
 from worldgen.floor import CATEGORIES, KernelClock, chunk_ops, flops_by_category, forward_ops
-from worldgen.generator import DTYPES, ChunkedGenerator, EngineSettings, Runtime
+from worldgen.generator import DTYPES, ChunkedGenerator, EngineSettings, Runtime, parse_device
 from worldgen.models.dit import CausalDiT
 from worldgen.models.random_init import random_dit, random_vae
 from worldgen.models.text import PromptEmbeddingCache
@@ -101,7 +101,7 @@ class BenchSettings:
 
     def resolved(self) -> BenchSettings:
         """These settings checked, with the device-dependent defaults filled in."""
-        device = torch.device(self.device)
+        device = parse_device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 f"bench: device {self.device!r} but no CUDA device is available "

@@ -1,41 +1,66 @@
 """Files that appear whole: written under a temp name beside their final one, then renamed into place.
 
 Readers never see half a file (a rename within one folder is atomic), and a crash or a kill leaves at most a
-`.NAME.*.tmp` file beside the final name. The temp file is created private (mkstemp's mode 0600); before the
-rename it gets the mode a plain `open()` would have given it under the process umask, so the outputs of a
-batch are as readable as any other file its user writes (a shared file system, a web server).
+`.NAME.*.tmp` file beside the final name. A published file's data is on the disk before its name is, so a
+power cut cannot leave an empty file under a final name either. The temp file is created private
+(mkstemp's mode 0600); before the rename it gets the mode a plain `open()` would have given it under the
+process umask, so the outputs of a batch are as readable as any other file its user writes (a shared file
+system, a web server).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
 def _process_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    with suppress(OSError):  # Linux says it without changing it
+        found = re.search(r"^Umask:\s*([0-7]+)$", Path("/proc/self/status").read_text(), re.MULTILINE)
+        if found:
+            return int(found.group(1), 8)
+    mask = os.umask(0)  # elsewhere, the only way to read it is to set it and put it back
     os.umask(mask)
     return mask
 
 
-_FILE_MODE = 0o666 & ~_process_umask()  # read once, at import, before any worker thread starts
+_FILE_MODE = 0o666 & ~_process_umask()  # read once, at import
 
 
-def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
-    """A new empty file `.NAME.XXXXXXXX<suffix>` in `path`'s folder (created with its parents)."""
+def temp_beside(path: Path) -> Path:
+    """A new empty file `.NAME.XXXXXXXX.tmp` in `path`'s folder (created with its parents)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     return Path(name)
 
 
+def temp_glob(name: str) -> str:
+    """The pattern of the temp files `temp_beside` makes for a file called `name`."""
+    return f".{name}.*.tmp"
+
+
 def publish(temp: Path, path: Path) -> None:
-    """Move the finished `temp` onto `path`, with the umask's file mode."""
-    os.chmod(temp, _FILE_MODE)
+    """Move the finished `temp` onto `path`, with the umask's file mode, data first on the disk."""
+    _sync(temp, os.O_RDONLY)
+    with suppress(OSError):  # some network file systems refuse modes: the file is still whole
+        os.chmod(temp, _FILE_MODE)
     os.replace(temp, path)
+    with suppress(OSError):  # the rename itself; not every file system syncs a folder
+        _sync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _sync(path: Path, flags: int) -> None:
+    handle = os.open(path, flags)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 @contextmanager
@@ -50,9 +75,13 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
-def remove_stale_temps(folder: Path, names: tuple[str, ...]) -> None:
-    """Remove the temp files that killed writers of `names` left in `folder` (call it once those files are
-    final: a live writer of the same file would lose its temp)."""
-    for name in names:
-        for temp in folder.glob(f".{name}.*.tmp"):
-            temp.unlink(missing_ok=True)
+def remove_stale_temps(folder: Path, patterns: Iterable[str], idle_seconds: float = 600) -> None:
+    """Remove the temp files matching `patterns` in `folder` that nothing has written for `idle_seconds`:
+    those of killed writers. A live writer's file keeps changing (a video grows with every chunk), and the
+    others live for a moment, so another process still rendering into the same folder keeps its own."""
+    idle_since = time.time() - idle_seconds
+    for pattern in patterns:
+        for temp in folder.glob(pattern):
+            with suppress(OSError):  # gone meanwhile, or a folder this process may not write
+                if temp.stat().st_mtime < idle_since:
+                    temp.unlink()

@@ -115,7 +115,7 @@ class EngineSettings:
         """These settings with the defaults that depend on the device filled in, and checked: the settings a
         run uses and records. Change a switch on the unresolved settings, not on these (a default filled in
         here, gelu_epilogue say, may not hold for the changed ones)."""
-        device = torch.device(self.device)
+        device = parse_device(self.device)
         dtype = self.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -172,6 +172,14 @@ class EngineSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def parse_device(name: str) -> torch.device:
+    """`name` as a torch device; a ValueError, not torch's RuntimeError, for a name it cannot parse."""
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {name!r}") from error
 
 
 def _default_vae_dtype(dtype: str, device: torch.device, plain: bool) -> str:

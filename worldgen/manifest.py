@@ -414,28 +414,26 @@ def _check_image(job: Job, problems: list[tuple[str, str]]) -> None:
         problems.append(("image", f"no such file: {job.image}"))
         return
     stat = os.stat(job.image)
-    size, reason = _decoded_image_size(job.image, (stat.st_ino, stat.st_size, stat.st_mtime_ns))
-    if reason:
-        problems.append(("image", reason))
-    elif job.height is None and job.width is None and job.max_area >= 1:
+    try:
+        size = _decoded_image_size(job.image, (stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    except _IMAGE_ERRORS as error:
+        problems.append(("image", f"cannot read {job.image} as an image ({error})"))
+        return
+    if job.height is None and job.width is None and job.max_area >= 1:
         _check_max_area(job, *size, problems)
 
 
 @functools.lru_cache(maxsize=1024)
-def _decoded_image_size(
-    path: str, file_version: tuple[int, int, int]
-) -> tuple[tuple[int, int] | None, str | None]:
-    """(width, height) of an image that decodes in full, or why it cannot be read.
+def _decoded_image_size(path: str, file_version: tuple[int, int, int]) -> tuple[int, int]:
+    """(width, height) of an image that decodes in full; PIL's error where it does not.
 
     The header alone would pass a truncated file that then fails mid-render. Cached by `file_version` (inode,
-    size and modification time), so that the many jobs of one image decode it once and an edit re-reads it.
+    size and modification time), so that the many jobs of one image decode it once and an edit re-reads it;
+    a failure is not cached (a network file system's hiccup is read again).
     """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.size, None
-    except _IMAGE_ERRORS as error:
-        return None, f"cannot read {path} as an image ({error})"
+    with Image.open(path) as image:
+        image.load()
+        return image.size
 
 
 def _check_max_area(job: Job, width: int, height: int, problems: list[tuple[str, str]]) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import worldgen
 from worldgen.config import PRESETS, Job, job_settings_hash, job_to_dict
-from worldgen.files import atomic_output, remove_stale_temps
+from worldgen.files import atomic_output, remove_stale_temps, temp_glob
 from worldgen.generator import Chunk, ChunkedGenerator, EngineSettings
 from worldgen.profiling import device_environment, named_range, profile_ranges
 from worldgen.timing import DEFAULT_WARMUP_CHUNKS, TimingLog
@@ -33,7 +33,8 @@ from worldgen.video import VideoWriter
 MARKER = "job.json"
 VIDEO = "video.mp4"
 TIMINGS = "timings.parquet"
-_TEMPS = (VIDEO, TIMINGS, MARKER)  # the files whose temps a killed render leaves (worldgen.files)
+# The temps a killed render leaves: worldgen.files' names, and the video's name before it (to 2026-11-30).
+_TEMPS = (*(temp_glob(name) for name in (VIDEO, TIMINGS, MARKER)), ".video.*.mp4.tmp")
 PROMPT_CACHE = ".prompt-cache"  # under the output folder: the prompt embeddings of all its jobs
 
 
@@ -76,12 +77,30 @@ def _skipped(job: Job, job_dir: Path, settings_hash: str, write_video: bool) -> 
             return None
     except (OSError, ValueError, KeyError, TypeError):  # no marker, or not one of ours
         return None
-    if not set(_outputs(write_video)) <= set(outputs):
+    wanted = _outputs(write_video)
+    if not set(wanted) <= set(outputs) or not all((job_dir / name).is_file() for name in wanted):
         return None
-    if not all((job_dir / name).is_file() for name in outputs):
-        return None
-    remove_stale_temps(job_dir, _TEMPS)  # a killed re-render's: the finished render it left whole stays
-    return {"job_id": job.job_id, "status": "skipped", **marker["result"], **_paths(job_dir, outputs)}
+    present = [name for name in outputs if (job_dir / name).is_file()]
+    return {"job_id": job.job_id, "status": "skipped", **marker["result"], **_paths(job_dir, present)}
+
+
+def remove_killed_renders_temps(job_dir: Path) -> None:
+    """Remove the temp files that killed renders of the job left (worldgen.files.remove_stale_temps)."""
+    remove_stale_temps(job_dir, _TEMPS)
+
+
+def _replace_outputs(job_dir: Path, writer: VideoWriter | None, log: TimingLog) -> None:
+    """Put the new render's files in place of the previous one's. Every new file is complete under its temp
+    name by now, so only renames remain: the old marker goes first (a folder without one is rendered again by
+    the next run, whatever mix of files a kill in here leaves), and so does an old video this run does not
+    replace."""
+    with atomic_output(job_dir / TIMINGS) as timings:
+        log.save(timings)
+        (job_dir / MARKER).unlink(missing_ok=True)
+        if writer:
+            writer.publish()
+        else:
+            (job_dir / VIDEO).unlink(missing_ok=True)
 
 
 def finished_result(
@@ -113,55 +132,46 @@ def render_job(
     job_dir = Path(out_dir) / job.job_id
     settings_hash = render_settings_hash(job, generator.settings)
     if not force and (skipped := _skipped(job, job_dir, settings_hash, write_video)):
+        remove_killed_renders_temps(job_dir)  # say, of a forced re-render that left this render whole
         return skipped
     job_dir.mkdir(parents=True, exist_ok=True)
 
     run_id = uuid.uuid4().hex
-    # WORLDGEN_PROFILE selects the ranges traced by the torch profiler (none by default).
-    with profile_ranges(job_dir / "traces"), named_range("workloop"):
-        started = time.perf_counter()
-        runtime = generator.create_runtime(job, Path(out_dir) / PROMPT_CACHE)
-        create_seconds = time.perf_counter() - started
-        log = TimingLog(settings={"job": job_to_dict(job), **runtime.settings, "run_id": run_id})
-        run = runtime.run_info(run_id)
-        writer = (
-            VideoWriter(
-                job_dir / VIDEO,
-                height=runtime.height,
-                width=runtime.width,
-                fps=job.fps,
-                expected_frames=runtime.video_frames,
-            )
-            if write_video
-            else None
-        )
-        bar = tqdm(total=runtime.num_chunks, desc=job.job_id, unit="chunk", disable=not progress)
-        try:
-            if writer:
+    writer: VideoWriter | None = None
+    try:
+        # WORLDGEN_PROFILE selects the ranges traced by the torch profiler (none by default).
+        with profile_ranges(job_dir / "traces"), named_range("workloop"):
+            started = time.perf_counter()
+            runtime = generator.create_runtime(job, Path(out_dir) / PROMPT_CACHE)
+            create_seconds = time.perf_counter() - started
+            log = TimingLog(settings={"job": job_to_dict(job), **runtime.settings, "run_id": run_id})
+            run = runtime.run_info(run_id)
+            if write_video:
+                writer = VideoWriter(
+                    job_dir / VIDEO,
+                    height=runtime.height,
+                    width=runtime.width,
+                    fps=job.fps,
+                    expected_frames=runtime.video_frames,
+                )
                 writer.open()
-            for chunk in runtime.chunks():
-                write_started = time.perf_counter()
-                if writer:
-                    writer.write(chunk.frames)
-                write_seconds = time.perf_counter() - write_started
-                log.append(chunk.timing_row(run, write_seconds, warmup_chunks))
-                bar.update()
-                if on_chunk:
-                    on_chunk(chunk, runtime.num_chunks)
-            # Every frame is made. The previous render (if any) stops being the folder's finished one here,
-            # before its files are replaced one by one; a video of it that this run does not replace goes too.
-            (job_dir / MARKER).unlink(missing_ok=True)
+            with tqdm(total=runtime.num_chunks, desc=job.job_id, unit="chunk", disable=not progress) as bar:
+                for chunk in runtime.chunks():
+                    write_started = time.perf_counter()
+                    if writer:
+                        writer.write(chunk.frames)
+                    write_seconds = time.perf_counter() - write_started
+                    log.append(chunk.timing_row(run, write_seconds, warmup_chunks))
+                    bar.update()
+                    if on_chunk:
+                        on_chunk(chunk, runtime.num_chunks)
             if writer:
-                writer.close()
-            else:
-                (job_dir / VIDEO).unlink(missing_ok=True)
-        except BaseException:
-            if writer:
-                writer.abort()
-            raise
-        finally:
-            bar.close()
-    log.write(job_dir / TIMINGS)
+                writer.finish()  # checked, under its temp name: the previous render is still the finished one
+        _replace_outputs(job_dir, writer, log)
+    except BaseException:
+        if writer:
+            writer.abort()  # removes its temp file (nothing once it is published)
+        raise
     summary = log.summary(warmup_chunks)
     steady = summary.stages.get("generate_next_chunk")
     result = {
@@ -185,5 +195,5 @@ def render_job(
     }
     with atomic_output(job_dir / MARKER) as temp:
         temp.write_text(json.dumps(marker, indent=2, default=str))
-    remove_stale_temps(job_dir, _TEMPS)  # left by killed runs; this run's are all renamed
+    remove_killed_renders_temps(job_dir)
     return {"job_id": job.job_id, "status": "rendered", **result, **_paths(job_dir, outputs)}

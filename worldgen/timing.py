@@ -156,10 +156,15 @@ class TimingLog:
         return table.replace_schema_metadata({SETTINGS_METADATA_KEY: self.settings_json})
 
     def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write the table to `path` atomically."""
         path = Path(path)
         with atomic_output(path) as tmp_path:
-            pq.write_table(self.to_table(), tmp_path)
+            self.save(tmp_path)
         return path
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the table to `path` as it is (a render writes it under a temp name it publishes itself)."""
+        pq.write_table(self.to_table(), path)
 
     def summary(self, warmup_chunks: int = DEFAULT_WARMUP_CHUNKS) -> TimingSummary:
         return summarize(self.to_table(), warmup_chunks)

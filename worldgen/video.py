@@ -61,6 +61,7 @@ class VideoWriter:
         self.probe = probe
         self.frames_written = 0
         self._tmp_path: Path | None = None
+        self._finished = False  # ffmpeg done and the file checked, still under its temp name
         self._stderr: Any = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -129,10 +130,26 @@ class VideoWriter:
 
     def close(self) -> Path:
         """Finish the file, check the frame count and move it into place; returns the final path."""
+        self.finish()
+        return self.publish()
+
+    def finish(self) -> None:
+        """Finish the file under its temp name: ffmpeg done, the frame count checked. Nothing is at `path`
+        yet: `publish()` moves it there (a render replaces its other files at the same moment)."""
         if self._process is None:
-            raise RuntimeError(f"{self.path}: close() on a writer that is not open")
+            raise RuntimeError(f"{self.path}: finish() on a writer that is not open")
         try:
             self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._finished = True
+
+    def publish(self) -> Path:
+        """Move the finished file into place; returns the final path."""
+        if not self._finished:
+            raise RuntimeError(f"{self.path}: publish() before finish()")
+        try:
             publish(self._tmp_path, self.path)
         except BaseException:
             self.abort()
@@ -181,3 +198,4 @@ class VideoWriter:
         if self._stderr is not None:
             self._stderr.close()
         self._process = self._stderr = self._tmp_path = None
+        self._finished = False
