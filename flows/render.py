@@ -39,7 +39,6 @@ from worldgen.config import job_from_dict, job_to_dict
 from worldgen.generator import (
     Chunk,
     EngineSettings,
-    JobInputError,
     check_control_modes,
     generator_loads,
     model_preset,
@@ -51,11 +50,12 @@ from worldgen.render import PROMPT_CACHE, finished_result, remove_killed_renders
 RUNNERS = ("local", "ray")
 
 
-def _retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry transient failures (device, I/O); a job whose inputs are wrong fails the same way every time."""
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry transient failures (a device error, I/O); not a ValueError: bad inputs (JobInputError), a bad
+    model folder (CheckpointError) or settings this machine cannot run fail the same way every time."""
     try:
         state.result()
-    except JobInputError:
+    except ValueError:
         return False
     except Exception:
         return True
@@ -66,7 +66,7 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
     task_run_name="render-{job[job_id]}",
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_unless_bad_input,
+    retry_condition_fn=_retry_transient,
 )
 def render_job_task(
     job: dict[str, Any], out_dir: str, engine: dict[str, Any], write_video: bool = True
@@ -108,7 +108,7 @@ def _worker_record(started_at: str) -> dict[str, Any]:
     }
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient)
 def embed_prompts_task(prompts: list[str], out_dir: str, engine: dict[str, Any]) -> int:
     """Fill the batch's prompt-embedding cache (the one `render_job` reads) with one load of the text
     encoder."""
@@ -129,7 +129,9 @@ def _markdown_summary(results: list[dict[str, Any]], failed: dict[str, str]) -> 
         worker = f"{row['worker_host']}:{row['worker_pid']} GPU {row['worker_gpus'] or '-'}"
         cells = [row["job_id"], row["status"], row.get("chunks", "-"), shown, row.get("video") or "-", worker]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += [f"| {job_id} | failed: {reason} | - | - | - | - |" for job_id, reason in failed.items()]
+    for job_id, reason in failed.items():
+        one_line = " ".join(reason.split()).replace("|", "\\|")  # a traceback's lines would break the table
+        lines.append(f"| {job_id} | failed: {one_line} | - | - | - | - |")
     return "\n".join(lines)
 
 
@@ -244,6 +246,8 @@ def render_manifest(
     """
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    # Absolute: Ray workers run in the raylet's folder, not in this one.
+    out_dir = str(Path(out_dir).resolve())
     jobs = load_manifest(manifest)
     engine = EngineSettings(
         model=model,
@@ -266,9 +270,10 @@ def render_manifest(
         "engine": engine.to_dict(),
         "write_video": write_video,
     }
-    if runner == "local":
+    left = [job for job in jobs if not finished_result(job, Path(out_dir), engine, write_video)]
+    if runner == "local" or not left:  # nothing left: no Ray cluster, no model loaded on its workers
         return render_jobs(**batch)
-    task_runner = ray_task_runner(engine, ray_address, gpus_per_job, jobs=len(jobs))
+    task_runner = ray_task_runner(engine, ray_address, gpus_per_job, jobs=len(left))
     return render_batch.with_options(task_runner=task_runner)(**batch)
 
 

@@ -99,6 +99,39 @@ def test_a_failing_job_is_reported_and_the_others_complete(tmp_path, monkeypatch
     assert not (out / "bad" / MARKER).exists()
 
 
+def test_the_batch_summary_keeps_a_failure_on_one_table_row():
+    from flows.render import _markdown_summary
+
+    text = _markdown_summary([], {"bad": "ActorDiedError: it died\n\tpid: 12 | class_name: TaskWorker"})
+    (row,) = [line for line in text.splitlines() if line.startswith("| bad")]
+    assert (
+        row == "| bad | failed: ActorDiedError: it died pid: 12 \\| class_name: TaskWorker | - | - | - | - |"
+    )
+
+
+def test_settings_the_machine_cannot_run_are_not_retried(tmp_path, monkeypatch):
+    import flows.render
+
+    loads = []
+
+    def no_such_device(settings):
+        loads.append(settings.device)
+        raise ValueError("device cuda, but this machine has no CUDA device\n(--device cpu runs here) | here")
+
+    monkeypatch.setattr(flows.render, "shared_generator", no_such_device)
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [job_row("one")])
+    state = render_manifest(str(manifest), str(tmp_path / "out"), return_state=True)
+    assert state.is_failed() and loads == ["cpu"]  # the prompt task tried once, and was not retried
+
+
+def test_a_relative_output_folder_is_the_callers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = write_manifest(tmp_path / "jobs.jsonl", [job_row("here")])
+    (result,) = render_manifest(str(manifest), "relative")
+    assert result["job_dir"] == str(tmp_path / "relative" / "here")
+    assert_finished(tmp_path / "relative" / "here", frames=9)
+
+
 def test_a_job_the_model_cannot_render_stops_the_batch_before_it_starts(tmp_path):
     # Key presses for a camera model: the manifest is valid, but the model cannot take that job.
     bad = job_row("bad", actions=str(ASSETS / "actions.npy"))

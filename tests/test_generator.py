@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -202,29 +204,37 @@ def test_a_render_without_video_counts_only_for_runs_without_video(generator, tm
 def test_outputs_are_readable_as_the_umask_says_and_stale_temps_go(generator, tmp_path):
     job_dir = tmp_path / "tiny"
     job_dir.mkdir()
-    # Killed writers' temps (the video's as named before 2026-11-30 too), idle for an hour; and one being
-    # written right now by another process rendering into the same folder, which stays.
-    stale = [job_dir / name for name in (".video.mp4.a.tmp", ".job.json.b.tmp", ".video.c.mp4.tmp")]
-    live = job_dir / ".timings.parquet.d.tmp"
-    for temp in [*stale, live]:
+    # Temps of killed writers: named by a process of this host that is gone (removed at once), or named as
+    # before 2026-11-30, without a writer, and idle for an hour. A live process's temp stays, and so does a
+    # fresh one that names no writer: another process may be rendering into the same folder.
+    host, gone = socket.gethostname(), _finished_pid()
+    stale = [
+        job_dir / f".video.mp4@{host}:{gone}.a.tmp",
+        job_dir / ".job.json.b.tmp",
+        job_dir / ".video.c.mp4.tmp",
+    ]
+    kept = [job_dir / f".timings.parquet@{host}:{os.getppid()}.d.tmp", job_dir / ".timings.parquet.e.tmp"]
+    for temp in [*stale, *kept]:
         temp.write_bytes(b"left by a killed run")
     hour_ago = time.time() - 3600
-
-    def age(temps: list[Path]) -> None:
-        for temp in temps:
-            os.utime(temp, (hour_ago, hour_ago))
-
-    age(stale)
+    for temp in stale[1:]:
+        os.utime(temp, (hour_ago, hour_ago))
     render_job(generator, tiny_job(), tmp_path, progress=False)
-    assert not any(temp.exists() for temp in stale) and live.exists()
+    assert not any(temp.exists() for temp in stale) and all(temp.exists() for temp in kept)
     stale[0].write_bytes(b"left by a killed forced re-render")
-    age(stale[:1])
     assert render_job(generator, tiny_job(), tmp_path, progress=False)["status"] == "skipped"
     umask = os.umask(0)
     os.umask(umask)
     for name in (VIDEO, TIMINGS, MARKER):
         assert stat.S_IMODE((job_dir / name).stat().st_mode) == 0o666 & ~umask
     assert not any(temp.exists() for temp in stale)
+
+
+def _finished_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def test_results_name_the_output_folder_as_given_not_as_first_rendered(generator, tmp_path):

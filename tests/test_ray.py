@@ -63,6 +63,13 @@ def test_two_gpu_workers_render_two_jobs_at_a_time_as_the_local_runner_does(tmp_
     # Two jobs at a time: some jobs of different workers ran during each other.
     assert any(overlap(a, b) for a, b in combinations(results, 2) if a["worker_pid"] != b["worker_pid"])
 
+    # A batch with nothing left to render starts no Ray worker and loads no model: this process skips it.
+    again = render_manifest(
+        str(manifest), str(tmp_path / "ray"), runner="ray", ray_address=ray_cluster, gpus_per_job=1
+    )
+    assert statuses(again) == {f"r{i}": "skipped" for i in range(4)}
+    assert {row["worker_pid"] for row in again} == {os.getpid()}
+
     # The timing rows name the host that rendered each job.
     for row in results:
         assert set(pq.read_table(Path(row["job_dir"]) / TIMINGS).column("host").to_pylist()) == {

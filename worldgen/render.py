@@ -33,8 +33,12 @@ from worldgen.video import VideoWriter
 MARKER = "job.json"
 VIDEO = "video.mp4"
 TIMINGS = "timings.parquet"
-# The temps a killed render leaves: worldgen.files' names, and the video's name before it (to 2026-11-30).
-_TEMPS = (*(temp_glob(name) for name in (VIDEO, TIMINGS, MARKER)), ".video.*.mp4.tmp")
+# The temps a killed render leaves: worldgen.files' names, and those of the writers before it (to 2026-11-30:
+# `.NAME.*.tmp`, the video's `.video.*.mp4.tmp`), which name no writer and go once idle.
+_TEMPS = (
+    *(pattern for name in (VIDEO, TIMINGS, MARKER) for pattern in (temp_glob(name), f".{name}.*.tmp")),
+    ".video.*.mp4.tmp",
+)
 PROMPT_CACHE = ".prompt-cache"  # under the output folder: the prompt embeddings of all its jobs
 
 
