@@ -35,7 +35,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows import exit_status
 from worldgen.cli import add_engine_arguments, engine_options
-from worldgen.config import job_from_dict, job_to_dict
+from worldgen.config import Job, job_from_dict, job_to_dict
 from worldgen.generator import (
     Chunk,
     EngineSettings,
@@ -135,20 +135,20 @@ def _markdown_summary(results: list[dict[str, Any]], failed: dict[str, str]) -> 
     return "\n".join(lines)
 
 
+def _unfinished(jobs: list[Job], out_dir: str, settings: EngineSettings, write_video: bool) -> list[Job]:
+    """The jobs not yet rendered under `out_dir` with these settings (their markers say; no model loads)."""
+    return [job for job in jobs if not finished_result(job, Path(out_dir), settings, write_video)]
+
+
 def render_jobs(
     manifest: str, jobs: list[dict[str, Any]], out_dir: str, engine: dict[str, Any], write_video: bool
 ) -> list[dict[str, Any]]:
     """Submit one task per job to the running flow's task runner; publish the results as artifacts."""
     progress = create_progress_artifact(progress=0.0, description=f"{len(jobs)} jobs from {manifest}")
     # A task like the renders, so that on Ray the text encoder runs on a worker, not on the flow's machine.
-    settings = EngineSettings(**engine)
-    left = [
-        job["prompt"]
-        for job in jobs
-        if not finished_result(job_from_dict(job), Path(out_dir), settings, write_video)
-    ]
+    left = _unfinished([job_from_dict(job) for job in jobs], out_dir, EngineSettings(**engine), write_video)
     if left:  # a batch with nothing left to render loads no model at all
-        embed_prompts_task.submit(left, out_dir, engine).result()
+        embed_prompts_task.submit([job.prompt for job in left], out_dir, engine).result()
     futures = [render_job_task.submit(job, out_dir, engine, write_video) for job in jobs]
     results: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
@@ -270,11 +270,10 @@ def render_manifest(
         "engine": engine.to_dict(),
         "write_video": write_video,
     }
-    left = [job for job in jobs if not finished_result(job, Path(out_dir), engine, write_video)]
-    if runner == "local" or not left:  # nothing left: no Ray cluster, no model loaded on its workers
-        return render_jobs(**batch)
-    task_runner = ray_task_runner(engine, ray_address, gpus_per_job, jobs=len(left))
-    return render_batch.with_options(task_runner=task_runner)(**batch)
+    if runner == "ray" and (left := _unfinished(jobs, out_dir, engine, write_video)):
+        task_runner = ray_task_runner(engine, ray_address, gpus_per_job, jobs=len(left))
+        return render_batch.with_options(task_runner=task_runner)(**batch)
+    return render_jobs(**batch)  # here; a Ray batch with nothing left starts no worker and loads no model
 
 
 def main(argv: list[str] | None = None) -> int:

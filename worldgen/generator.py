@@ -304,8 +304,7 @@ class ChunkedGenerator:
         # Checked here, where the model runs, not in `resolved()`: a flow resolves settings on its own host.
         # Inductor's GPU code is Triton too; on a CPU it compiles C++.
         on_cuda = self.device.type == "cuda"
-        if on_cuda and (self.device.index or 0) >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
+        if on_cuda and (self.device.index or 0) >= (count := torch.cuda.device_count()):
             found = f"{count} CUDA device{'s' * (count != 1)}" if count else "no CUDA device"
             raise ValueError(f"device {self.device}, but this machine has {found} (--device cpu runs here)")
         needs_triton = [name for name in ("compile", "triton_kernels") if getattr(settings, name) and on_cuda]

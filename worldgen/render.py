@@ -4,7 +4,8 @@ text embedding into `OUT/.prompt-cache/` (shared by every job under OUT).
 Every file is written to a temp name and renamed into place; `job.json` comes last and is the "done"
 marker: it holds the job's settings hash and the outputs it vouches for, and a job whose marker matches,
 with those outputs present, is skipped. A re-render leaves the previous finished render whole until its own
-frames are all made: only then does the old marker go, before the first new file is renamed into place.
+files are complete under their temp names: only then does the old marker go, before the first new file is
+renamed into place.
 A crash or a kill at any point leaves the previous finished render, or a folder without a marker (which the
 next run renders again), never a half-written file under a final name.
 """
